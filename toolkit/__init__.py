@@ -1,0 +1,42 @@
+"""PatternNet and PatternAttribution: learning how to explain neural networks.
+
+The toolkit follows the paper's three steps:
+
+1. ``toolkit.linear`` -- the linear signal/distractor model in NumPy, where every
+   estimator has a closed form;
+2. ``toolkit.fit_patterns`` -- the same estimators learned for every Conv2d/Linear
+   neuron of a torch network from streamed float64 statistics;
+3. ``toolkit.methods`` -- the backward passes (Gradient, DeconvNet, Guided Backprop,
+   PatternNet, PatternAttribution, LRP-z) and ``toolkit.quality`` /
+   ``toolkit.perturbation`` to measure them.
+
+Heavy or optional modules are imported on first use, so ``import toolkit`` needs
+neither torch nor a Jupyter stack.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily on first access)
+_LAZY = {
+    "fit_patterns": "toolkit.patterns",
+    "Patterns": "toolkit.patterns",
+    "Gradient": "toolkit.methods",
+    "DeconvNet": "toolkit.methods",
+    "GuidedBackprop": "toolkit.methods",
+    "PatternNet": "toolkit.methods",
+    "PatternAttribution": "toolkit.methods",
+    "LRPZ": "toolkit.methods",
+    "layer_quality": "toolkit.quality",
+    "region_perturbation": "toolkit.perturbation",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
