@@ -1,0 +1,340 @@
+"""The network as the estimators see it: a list of Conv2d/Linear neuron layers.
+
+Every part of the toolkit that works on a torch model -- fitting patterns, measuring
+their quality, and the backward passes of the explanation methods -- needs the same
+view of it: for each ``Conv2d`` or ``Linear`` layer, its input ``x``, its output
+``z = W x + b`` (after a folded ``BatchNorm2d``, if one follows), and the linear map
+``W`` between them. This module computes that view in one place:
+
+* :func:`trace` runs one forward pass with temporary hooks, checks that every module
+  the forward pass uses is supported, finds the BatchNorm layers that follow a
+  convolution directly, and returns a :class:`Plan` -- the ordered list of
+  :class:`Layer` records.
+* :class:`Layer` knows its folded weight and bias and the three linear operations the
+  estimators need: the layer map itself, its transpose (the backward pass through the
+  layer with any weight), and the *patch sums* ``sum_n g_n x_n^T`` over every sample and
+  every spatial position -- for a convolution this is exactly the weight gradient.
+* :func:`intercept` temporarily routes every planned layer (and optionally every ReLU)
+  through callbacks during a forward pass. The hooks are removed when it exits, so the
+  user's model is never changed.
+* :func:`evaluation_mode` puts a model in eval mode and restores every module's own
+  mode afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+#: Leaf modules a supported model may use. Containers (``nn.Sequential`` or a user's
+#: own ``nn.Module`` with children) are fine; ``torch.flatten`` and views in
+#: ``forward`` are fine too.
+SUPPORTED_MODULES = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.BatchNorm2d,
+    nn.Identity,
+)
+NEURON_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+class UnsupportedLayerError(TypeError):
+    """A model uses a module (or a module setting) the estimators do not cover."""
+
+
+def _unsupported(name: str, module: nn.Module, why: str = "") -> UnsupportedLayerError:
+    supported = ", ".join(t.__name__ for t in SUPPORTED_MODULES)
+    detail = f": {why}" if why else f"; supported modules are {supported}"
+    return UnsupportedLayerError(
+        f"layer '{name}' of type {type(module).__name__} is not supported{detail}"
+    )
+
+
+@dataclass
+class Layer:
+    """One Conv2d or Linear layer, with the BatchNorm2d that directly follows it folded in.
+
+    Attributes
+    ----------
+    name : str
+        Qualified name of the Conv2d/Linear module in ``model.named_modules()``; the key
+        of the layer's patterns.
+    module : nn.Conv2d or nn.Linear
+    batchnorm : nn.BatchNorm2d or None
+        The BatchNorm2d applied directly to this layer's output, folded into ``W``, ``b``.
+    batchnorm_name : str or None
+    """
+
+    name: str
+    module: nn.Module
+    batchnorm: nn.BatchNorm2d | None = None
+    batchnorm_name: str | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output is the layer output ``z`` (the BatchNorm, if folded)."""
+        return self.batchnorm if self.batchnorm is not None else self.module
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.module.weight.shape
+
+    @property
+    def out_features(self) -> int:
+        """Number of neurons (output channels of a convolution)."""
+        return self.module.weight.shape[0]
+
+    # -- folded parameters ----------------------------------------------------------
+    def _batchnorm_scale_shift(self) -> tuple[Tensor, Tensor]:
+        bn = self.batchnorm
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return scale, shift
+
+    def weight(self) -> Tensor:
+        """The layer's linear map ``W`` (BatchNorm folded in), detached."""
+        w = self.module.weight.detach()
+        if self.batchnorm is not None:
+            scale, _ = self._batchnorm_scale_shift()
+            w = w * scale.detach().reshape(-1, *([1] * (w.dim() - 1)))
+        return w
+
+    def bias(self) -> Tensor:
+        """The layer's bias ``b`` (BatchNorm folded in; zeros if there is none), detached."""
+        w = self.module.weight
+        b = self.module.bias
+        b = b.detach() if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if self.batchnorm is not None:
+            scale, shift = self._batchnorm_scale_shift()
+            b = b * scale.detach() + shift.detach()
+        return b
+
+    # -- the three linear operations ----------------------------------------------
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``weight`` applied to ``x`` the way the layer applies ``W`` (no bias)."""
+        if self.is_conv:
+            m = self.module
+            return F.conv2d(x, weight, None, m.stride, m.padding, m.dilation)
+        return F.linear(x, weight)
+
+    def transpose(self, grad: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        """``weight^T`` applied to ``grad``: the backward pass through the layer with ``weight``."""
+        if self.is_conv:
+            m = self.module
+            return torch.nn.grad.conv2d_input(
+                input_shape, weight, grad, m.stride, m.padding, m.dilation
+            )
+        return grad @ weight
+
+    def patch_sums(self, x: Tensor, g: Tensor) -> Tensor:
+        """``sum over samples and positions of g[j] * patch(x)``, shaped like a weight with
+        ``g.shape[1]`` rows.
+
+        For a Linear layer this is ``g^T x``; for a convolution every spatial output
+        position of every image is one sample whose input is the receptive-field patch
+        (flattened in the order of ``weight[j].reshape(-1)``), and the sum is the
+        convolution's weight gradient for the output gradient ``g``.
+        """
+        if self.is_conv:
+            m = self.module
+            shape = (g.shape[1], *self.weight_shape[1:])
+            return torch.nn.grad.conv2d_weight(x, shape, g, m.stride, m.padding, m.dilation)
+        return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    def neuron_values(self, t: Tensor) -> Tensor:
+        """Reshape an output-shaped tensor to ``(samples, neurons)``, one row per sample
+        and spatial position."""
+        if t.dim() == 4:
+            return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+        return t.reshape(-1, t.shape[-1])
+
+
+@dataclass
+class Plan:
+    """The neuron layers of a model in forward order, found by :func:`trace`."""
+
+    layers: list[Layer]
+    input_shape: tuple[int, ...] = field(default=())
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block, then restore each module's own mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None:
+            yield name or type(model).__name__, module
+
+
+def _check_settings(name: str, module: nn.Module) -> None:
+    if not isinstance(module, SUPPORTED_MODULES):
+        raise _unsupported(name, module)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise _unsupported(name, module, f"groups={module.groups} (only groups=1)")
+        if module.padding_mode != "zeros":
+            raise _unsupported(name, module, f"padding_mode='{module.padding_mode}' (only 'zeros')")
+        if isinstance(module.padding, str):
+            raise _unsupported(name, module, f"padding='{module.padding}' (give the padding as numbers)")
+
+
+def trace(model: nn.Module, example: Tensor) -> Plan:
+    """Find the neuron layers of ``model`` by running it once on ``example``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module whose forward pass runs through the :data:`SUPPORTED_MODULES`.
+    example : Tensor
+        An input batch; only its first sample is used.
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If the forward pass calls a module of another type, a convolution with groups,
+        a BatchNorm2d that does not directly follow a Conv2d, or one neuron layer twice.
+    """
+    calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
+
+    def record(name):
+        def hook(module, inputs, output):
+            calls.append((name, module, inputs[0] if inputs else None, output))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in _leaf_modules(model)]
+    try:
+        with evaluation_mode(model), torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+
+    layers: list[Layer] = []
+    seen: set[str] = set()
+    previous = None
+    for name, module, inp, out in calls:
+        _check_settings(name, module)
+        if isinstance(module, NEURON_LAYERS):
+            if name in seen:
+                raise _unsupported(name, module, "it is called more than once in the forward pass")
+            seen.add(name)
+            layers.append(Layer(name, module))
+        elif isinstance(module, nn.BatchNorm2d):
+            follows_conv = (
+                previous is not None
+                and isinstance(previous[1], nn.Conv2d)
+                and previous[3] is inp
+                and layers[-1].batchnorm is None
+            )
+            if not follows_conv:
+                raise _unsupported(
+                    name, module, "a BatchNorm2d must directly follow a Conv2d to be folded into it"
+                )
+            layers[-1].batchnorm, layers[-1].batchnorm_name = module, name
+        previous = (name, module, inp, out)
+    if not layers:
+        raise UnsupportedLayerError(f"model {type(model).__name__} has no Conv2d or Linear layer")
+    return Plan(layers, tuple(example.shape[1:]))
+
+
+LayerCallback = Callable[[Layer, Tensor, Tensor], "Tensor | None"]
+ReluCallback = Callable[[nn.ReLU, Tensor, Tensor], "Tensor | None"]
+
+
+@contextmanager
+def intercept(model: nn.Module, plan: Plan, on_layer: LayerCallback | None = None,
+              on_relu: ReluCallback | None = None):
+    """Route the forward pass of every planned layer (and every ReLU) through callbacks.
+
+    ``on_layer(layer, x, z)`` is called with the layer input ``x`` and the layer output
+    ``z`` (after the folded BatchNorm, bias included); ``on_relu(relu, x, out)`` with a
+    ReLU's input and output. A callback that returns a tensor replaces the module's
+    output in the rest of the forward pass (this is how the explanation methods swap in
+    their backward rules); one that returns None only observes. An inplace ReLU gets a
+    copy of its input when ``on_relu`` is given, so ``x`` is the value before the ReLU.
+
+    All hooks are removed when the block exits, also on errors.
+    """
+    inputs: dict[int, list[Tensor]] = {}
+    handles = []
+
+    def keep_input(key, copy=False):
+        def pre_hook(module, args):
+            x = args[0]
+            inputs.setdefault(key, []).append(x)
+            if copy:
+                return (x.clone(), *args[1:])
+        return pre_hook
+
+    try:
+        if on_layer is not None:
+            for layer in plan:
+                key = id(layer.module)
+                handles.append(layer.module.register_forward_pre_hook(keep_input(key)))
+
+                def post_hook(module, args, output, layer=layer, key=key):
+                    return on_layer(layer, inputs[key].pop(), output)
+
+                handles.append(layer.output_module.register_forward_hook(post_hook))
+        if on_relu is not None:
+            for _, module in _leaf_modules(model):
+                if isinstance(module, nn.ReLU):
+                    key = id(module)
+                    handles.append(module.register_forward_pre_hook(keep_input(key, module.inplace)))
+
+                    def relu_hook(module, args, output, key=key):
+                        return on_relu(module, inputs[key].pop(), output)
+
+                    handles.append(module.register_forward_hook(relu_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
