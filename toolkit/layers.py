@@ -144,9 +144,9 @@ class Layer:
             )
         return grad @ weight
 
-    def patch_sums(self, x: Tensor, g: Tensor) -> Tensor:
+    def patch_sums(self, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
         """``sum over samples and positions of g[j] * patch(x)``, shaped like a weight with
-        ``g.shape[1]`` rows.
+        ``g.shape[1]`` rows; added to ``out`` in place when it is given.
 
         For a Linear layer this is ``g^T x``; for a convolution every spatial output
         position of every image is one sample whose input is the receptive-field patch
@@ -156,8 +156,12 @@ class Layer:
         if self.is_conv:
             m = self.module
             shape = (g.shape[1], *self.weight_shape[1:])
-            return torch.nn.grad.conv2d_weight(x, shape, g, m.stride, m.padding, m.dilation)
-        return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            sums = torch.nn.grad.conv2d_weight(x, shape, g, m.stride, m.padding, m.dilation)
+            return sums if out is None else out.add_(sums)
+        g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        if out is None:
+            return g.T @ x
+        return out.addmm_(g.T.to(out.dtype), x.to(out.dtype))
 
     def neuron_values(self, t: Tensor) -> Tensor:
         """Reshape an output-shaped tensor to ``(samples, neurons)``, one row per sample
