@@ -26,20 +26,43 @@ def course_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
     return notebooks
 
 
-def execute_notebook(path: Path, out_dir: Path, timeout: int = 900) -> tuple[Path, list[Path]]:
-    """Execute one notebook in a fresh kernel of this Python; save it and its figures.
+WIDGET_NOTE = ("Interactive widget (ipywidgets): run this notebook in Jupyter to use the "
+               "controls.")
 
-    Returns the executed notebook's path and the paths of the PNG figures.
-    """
+
+def strip_widget_state(notebook) -> None:
+    """Remove saved widget state and widget views (they only work in a live kernel)."""
+    notebook.metadata.pop("widgets", None)
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if data.pop("application/vnd.jupyter.widget-view+json", None) is not None:
+                data["text/plain"] = WIDGET_NOTE
+            data.pop("application/vnd.jupyter.widget-state+json", None)
+
+
+def run_notebook(path: Path, timeout: int = 900):
+    """Execute a notebook top to bottom in a fresh kernel, in its own folder; return it
+    without widget state."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    notebook.metadata.pop("widgets", None)
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(Path(path).parent)}})
     client.execute()
-    notebook.metadata.pop("widgets", None)
+    strip_widget_state(notebook)
+    return notebook
+
+
+def execute_notebook(path: Path, out_dir: Path, timeout: int = 900) -> tuple[Path, list[Path]]:
+    """Execute one notebook; save the executed copy to ``out_dir`` and its figures.
+
+    Returns the executed notebook's path and the paths of the PNG figures.
+    """
+    import nbformat
+
+    notebook = run_notebook(path, timeout)
     executed = out_dir / path.name
     nbformat.write(notebook, executed)
     return executed, save_figures(notebook, out_dir / "figures", path.stem)

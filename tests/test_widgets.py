@@ -1,0 +1,100 @@
+"""Tests of the toy explorer (toolkit.widgets) and the toy figures it draws with."""
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from toolkit.linear import explore
+from toolkit.plotting import toy
+from toolkit.widgets import PanelRenderer, explorer, summary_table_html
+
+
+def test_modules_import_without_jupyter():
+    # Block ipywidgets and IPython, then import the toy modules in a fresh interpreter.
+    code = (
+        "import sys\n"
+        "sys.modules['ipywidgets'] = None\n"
+        "sys.modules['IPython'] = None\n"
+        "import toolkit.linear, toolkit.plotting.toy, toolkit.widgets\n"
+        "assert sys.modules['ipywidgets'] is None and sys.modules['IPython'] is None\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_summary_table_lists_filter_patterns_and_rho():
+    result = explore(n=500, seed=0)
+    table = summary_table_html(result)
+    assert "(+1.000, -1.000)" in table  # w
+    assert "a+ = (" in table and "a- = (" in table
+    assert f"{result.rho['linear']:.3f}" in table
+    assert "undefined" in table  # the identity estimator
+    assert "font-weight:bold'><td>two-component" in table
+
+
+def test_explorer_builds_and_updates_without_a_kernel():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    panel = explorer(n=300)
+    assert isinstance(panel, ipywidgets.VBox)
+    assert set(panel.controls) == {"signal_angle", "distractor_angle", "noise_mean",
+                                   "noise_std", "n", "estimator", "mean_y"}
+    before_table, before_image = panel.table.value, panel.image.value
+    assert "(+1.000, -1.000)" in before_table
+    assert before_image[:8] == b"\x89PNG\r\n\x1a\n"
+
+    panel.controls["distractor_angle"].value = 90.0  # orthogonal distractor: w = a_s
+    assert panel.table.value != before_table
+    assert panel.image.value != before_image
+    assert "(+1.000, +0.000)" in panel.table.value
+
+    panel.controls["estimator"].value = "filter"
+    assert "font-weight:bold'><td>filter" in panel.table.value
+
+    panel.controls["distractor_angle"].value = 0.0  # parallel to the signal: no filter
+    assert "parallel" in panel.table.value
+
+
+def test_blitted_render_equals_a_fresh_render():
+    renderer = PanelRenderer()
+    for angle in (10, 80, 150):  # windows of different sizes
+        renderer.render(explore(distractor_angle=angle, noise_std=1.5, n=200))
+    result = explore(distractor_angle=60, noise_mean=0.5, estimator="filter", n=200)
+    reused = np.asarray(Image.open(io.BytesIO(renderer.render(result))))
+    fresh = np.asarray(Image.open(io.BytesIO(PanelRenderer().render(result))))
+    np.testing.assert_array_equal(reused, fresh)
+
+
+# ---------------------------------------------------------------------------
+# Toy figures
+# ---------------------------------------------------------------------------
+
+def test_filter_follows_distractor_figure():
+    figure, axes = toy.plot_filter_follows_distractor(distractor_angles=(90, 45), n=200)
+    assert isinstance(figure, Figure) and len(axes) == 2
+    assert "(1.00, 0.00)" in axes[0].get_title()
+    assert "(1.00, -1.00)" in axes[1].get_title()
+    assert all(ax.get_aspect() == 1.0 for ax in axes)
+
+
+def test_estimator_comparison_figure():
+    result = explore(n=300)
+    figure, axes = toy.plot_estimator_comparison(result)
+    assert axes.shape == (4, 4)
+    titles = [ax.get_title() for ax in axes[0]]
+    assert "undefined" in titles[0]
+    assert f"{result.rho['linear']:.3f}" in titles[2]
+
+
+def test_toy_panel_draws_on_given_axes_and_rejects_other_dimensions():
+    ax = Figure().add_subplot()
+    result = explore(n=100)
+    assert toy.plot_exploration(ax, result) is ax
+    assert ax.get_legend() is not None
+    with pytest.raises(ValueError, match="2-D data"):
+        toy.plot_toy_panel(ax, np.zeros((5, 3)), np.zeros(5), np.ones(3))
