@@ -1,0 +1,115 @@
+"""Throughput of the explanation methods next to the plain forward pass.
+
+Every method is one forward pass (with the rules' autograd functions in place) and one
+backward pass, so its cost is measured against a forward pass under ``torch.no_grad``
+timed in the same run, on the same inputs. PatternNet and PatternAttribution use
+patterns built from the weights (``A = W``): fitting patterns is benchmarked elsewhere,
+and the cost of a pass does not depend on the patterns' values.
+
+Models are torchvision architectures with random weights (nothing is downloaded)::
+
+    PYTHONPATH=. python benchmarks/explain.py --model vgg16 --size 224 --batch 32 --device cuda
+    PYTHONPATH=. python benchmarks/explain.py --model vgg11 --size 64 --batch 16 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torchvision
+
+from toolkit.layers import trace
+from toolkit.methods import (LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
+                             PatternNet)
+from toolkit.patterns import LayerPatterns, Patterns, fingerprint
+
+MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg16_bn", "alexnet")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def weight_patterns(model: torch.nn.Module, example: torch.Tensor) -> Patterns:
+    """Patterns equal to the (folded) weights; one float64 CPU copy shared by a, a_+, a_-."""
+    layers = {}
+    for layer in trace(model, example):
+        w = layer.weight().to("cpu", torch.float64)
+        layers[layer.name] = LayerPatterns(w, w, w)
+    return Patterns(layers, fingerprint(model))
+
+
+def seconds_per_call(functions: dict[str, Callable[[], object]], repeats: int,
+                     device: torch.device) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds, after one warm-up call.
+
+    The functions take turns within each round, so a busy machine slows them alike and
+    the ratios stay fair.
+    """
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(repeats + 1):
+        for name, fn in functions.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vgg11", choices=MODELS)
+    parser.add_argument("--size", type=int, default=64, help="image height and width")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = getattr(torchvision.models, args.model)(weights=None, num_classes=args.num_classes)
+    model = model.to(device, dtype).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
+    patterns = weight_patterns(model, x)
+    methods = {
+        "Gradient": Gradient(model),
+        "DeconvNet": DeconvNet(model),
+        "GuidedBackprop": GuidedBackprop(model),
+        "PatternNet": PatternNet(model, patterns),
+        "PatternAttribution": PatternAttribution(model, patterns),
+        "LRP-z": LRPZ(model),
+    }
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    def autograd_gradient():  # the plain input gradient, no rules: the cost of autograd alone
+        inputs = x.detach().requires_grad_(True)
+        logits = model(inputs)
+        return torch.autograd.grad(logits.max(1).values.sum(), inputs)
+
+    functions = {"forward (no_grad)": forward, "autograd gradient": autograd_gradient}
+    functions.update({label: (lambda m=method: m.attribute(x)) for label, method in methods.items()})
+    times = seconds_per_call(functions, args.repeats, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {name}, "
+          f"median of {args.repeats}")
+    base = times["forward (no_grad)"]
+    print(f"{'method':<20}{'s/batch':>10}{'images/s':>12}{'x forward':>11}")
+    for label, t in times.items():
+        print(f"{label:<20}{t:>10.4f}{args.batch / t:>12.1f}{t / base:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
