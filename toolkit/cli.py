@@ -1,13 +1,417 @@
 """The ``toolkit`` command.
 
-Sub-commands (``toolkit COMMAND --help`` for each):
+Sub-commands (``toolkit COMMAND --help`` for each)::
 
-* ``reproduce``: execute the course's notebooks and save them with their figures.
+    toolkit fit          --model vgg16 --data IMAGENET --out vgg16.patterns.safetensors
+    toolkit quality      --model vgg16 --patterns FILE --data IMAGENET [--figure quality.png]
+    toolkit explain      --model vgg16 --patterns FILE IMAGE... --out DIR
+    toolkit perturbation --model vgg16 --patterns FILE --data IMAGENET --out DIR
+    toolkit reproduce    --out results
+
+Models (``--model``) are named in one of three ways (:func:`toolkit.zoo.load_model`): a
+torchvision model (``vgg16``; ``--weights`` DEFAULT, another weight name, ``random`` or a
+FILE), a factory ``package.module:function`` (``--model-args`` JSON for its keyword
+arguments, ``--weights FILE`` to load a state dict into it), or a model file written by
+:func:`toolkit.models.save_model`.
+
+Data (``--data``) is a folder of images in any layout :func:`toolkit.imagenet.image_dataset`
+reads (an ImageNet root with ``train/`` and ``val/``, class folders, a flat folder),
+preprocessed as ``--resize``/``--crop``/``--mean``/``--std`` say (ImageNet's by
+default); or a tensor file of inputs the model takes as they are: ``.pt`` (a tensor, an
+``(inputs, labels)`` pair, or a dict with ``images``) or ``.npz`` (arrays ``images`` and
+optionally ``labels``; with ``--split NAME`` the arrays ``NAME_images``/``NAME_labels``).
+Integer arrays are divided by 255 and ``(N, H, W)`` arrays get a channel axis.
+
+Launched by ``torchrun``, ``fit`` initialises ``torch.distributed`` itself (NCCL on
+GPUs, Gloo on CPUs, one GPU per process after ``LOCAL_RANK``), every process reads its
+own shard of the data, the statistics are summed over all processes, and only rank 0
+writes the output (docs/distributed.md).
+
+Errors a user can fix are printed as one line ``toolkit COMMAND: error: ...`` with exit
+status 2; set ``TOOLKIT_TRACEBACK=1`` to see the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+#: --method names -> (class in toolkit.methods, how its result is drawn)
+METHODS = {
+    "gradient": ("Gradient", "signal"),
+    "deconvnet": ("DeconvNet", "signal"),
+    "guidedbackprop": ("GuidedBackprop", "signal"),
+    "patternnet": ("PatternNet", "signal"),
+    "patternattribution": ("PatternAttribution", "attribution"),
+    "lrpz": ("LRPZ", "attribution"),
+}
+PATTERN_METHODS = ("patternnet", "patternattribution")
+TENSOR_SUFFIXES = (".pt", ".pth", ".npz")
+
+
+class CommandError(ValueError):
+    """A problem with the command line that the user can fix."""
+
+
+# ----------------------------------------------------------------------------------
+# shared pieces: device, model, data
+# ----------------------------------------------------------------------------------
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CommandError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+@contextmanager
+def distributed(device_name: str | None):
+    """Set up ``torch.distributed`` when the process was started by ``torchrun``.
+
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in every process. Then
+    the process group is initialised (NCCL when the device is a GPU, else Gloo), a GPU
+    process uses GPU number ``LOCAL_RANK``, and the group is destroyed at the end.
+
+    Yields
+    ------
+    rank : int
+    world : int
+    device : torch.device
+    """
+    import torch
+
+    device = _device(device_name)
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        yield 0, 1, device
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
+def _weights(value: str):
+    return None if value.lower() in ("random", "none") else value
+
+
+def _load_model(args, device=None, dtype=None):
+    from toolkit.zoo import load_model
+
+    model = load_model(args.model, _weights(args.weights), model_args=args.model_args,
+                       download=not args.offline)
+    return model.to(device=device, dtype=dtype)
+
+
+def _load_model_first_on_rank_0(args, rank: int, world: int, device, dtype):
+    """Load the model on rank 0 before the other processes, so that only rank 0
+    downloads missing weights into torch's cache and the others read them from there.
+    (If rank 0 fails, torchrun stops the processes waiting here.)"""
+    if world == 1:
+        return _load_model(args, device, dtype)
+    import torch.distributed as dist
+
+    model = _load_model(args, device, dtype) if rank == 0 else None
+    dist.barrier()
+    return model if model is not None else _load_model(args, device, dtype)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _preprocessing(args):
+    from toolkit.imagenet import Preprocessing
+
+    return Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std))
+
+
+def _tensor_file(path: Path, split: str | None):
+    """Inputs (and labels) from a ``.pt`` or ``.npz`` file, as a TensorDataset."""
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
+
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        try:
+            arrays = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CommandError(f"cannot read {path}: {error}") from None
+        if isinstance(arrays, torch.Tensor):
+            arrays = {"images": arrays}
+        elif isinstance(arrays, (tuple, list)) and len(arrays) == 2:
+            arrays = {"images": arrays[0], "labels": arrays[1]}
+        elif not isinstance(arrays, dict):
+            raise CommandError(f"{path} holds a {type(arrays).__name__}; expected a tensor, a pair or a dict")
+    prefix = f"{split}_" if split else ""
+    image_keys = [prefix + k for k in ("images", "inputs", "x")]
+    key = next((k for k in image_keys if k in arrays), None)
+    if key is None:
+        raise CommandError(
+            f"{path} has no array {' / '.join(image_keys)} (it has {', '.join(map(str, arrays)) or 'none'}); "
+            "with --split NAME the arrays NAME_images and NAME_labels are read"
+        )
+    images = torch.as_tensor(np.asarray(arrays[key]) if not isinstance(arrays[key], torch.Tensor) else arrays[key])
+    if not images.is_floating_point():
+        images = images.to(torch.float32) / 255
+    if images.dim() == 3:
+        images = images[:, None]
+    label_key = next((prefix + k for k in ("labels", "y") if prefix + k in arrays), None)
+    labels = (torch.as_tensor(np.asarray(arrays[label_key])).long() if label_key
+              else torch.full((len(images),), -1, dtype=torch.long))
+    return TensorDataset(images, labels)
+
+
+def _dataset(args, default_split: str):
+    """The dataset named by --data, cut to --max-images."""
+    from toolkit.imagenet import ImageFiles, image_dataset
+
+    path = Path(args.data)
+    if path.suffix in TENSOR_SUFFIXES and path.is_file():
+        dataset = _tensor_file(path, args.split)
+    elif path.is_dir():
+        split = args.split
+        if split is None and any((path / s).is_dir() for s in ("train", "val")):
+            split = default_split if (path / default_split).is_dir() else None
+        dataset = image_dataset(path, split=split, labels=args.labels, preprocessing=_preprocessing(args))
+    elif not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    else:
+        raise CommandError(f"--data {path}: expected an image folder or a {'/'.join(TENSOR_SUFFIXES)} tensor file")
+    if args.max_images is not None:
+        if isinstance(dataset, ImageFiles):
+            dataset = dataset.subset(args.max_images)
+        else:
+            from torch.utils.data import TensorDataset
+
+            step = max(1, len(dataset) // args.max_images)
+            dataset = TensorDataset(*(t[::step][: args.max_images] for t in dataset.tensors))
+    if len(dataset) == 0:
+        raise CommandError(f"--data {path} holds no images")
+    return dataset
+
+
+class Batches:
+    """The batches of a loader with the inputs cast to ``dtype``; ``sampler`` and ``len``
+    are the loader's, so :func:`toolkit.fit_patterns` still sees how the data is sharded."""
+
+    def __init__(self, loader, dtype):
+        self.loader, self.dtype = loader, dtype
+
+    @property
+    def sampler(self):
+        return getattr(self.loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for inputs, labels in self.loader:
+            yield inputs.to(self.dtype), labels
+
+
+def _loader(args, dataset, dtype, distributed_: bool, device=None):
+    """Batches of ``dataset``: sharded over the processes if ``distributed_``, decoded on
+    ``--decode-device`` (a bare ``cuda`` means this process's GPU, ``device``)."""
+    from toolkit.imagenet import ImageFiles, make_loader
+
+    decode = args.decode_device if isinstance(dataset, ImageFiles) else None
+    if decode == "cuda" and device is not None and device.type == "cuda":
+        decode = device
+    loader = make_loader(dataset, args.batch_size, workers=args.workers, distributed=distributed_,
+                         decode_device=decode)
+    return Batches(loader, dtype)
+
+
+def _read_patterns(path, model):
+    from toolkit.patterns import Patterns
+
+    if path is None:
+        return None
+    return Patterns.load(path, model)
+
+
+def _explainer(method: str, model, patterns, kind: str):
+    """The explanation object for a --method name."""
+    import toolkit.methods as methods
+
+    class_name, _ = METHODS[method]
+    if method in PATTERN_METHODS:
+        if patterns is None:
+            raise CommandError(f"--method {method} needs the model's patterns: fit them with "
+                               "'toolkit fit' and pass --patterns FILE")
+        return getattr(methods, class_name)(model, patterns, kind=kind)
+    return getattr(methods, class_name)(model)
+
+
+def _write_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+# ----------------------------------------------------------------------------------
+# the commands
+# ----------------------------------------------------------------------------------
+def _fit(args: argparse.Namespace) -> int:
+    from toolkit.patterns import fit_patterns
+
+    out = Path(args.out)
+    with distributed(args.device) as (rank, world, device):
+        dtype = _dtype(args.dtype)
+        model = _load_model_first_on_rank_0(args, rank, world, device, dtype)
+        dataset = _dataset(args, default_split="train")
+        data = _loader(args, dataset, dtype, distributed_=world > 1, device=device)
+        if rank == 0:
+            print(f"fitting patterns of {args.model} on {len(dataset):,} images"
+                  + (f" in {world} processes" if world > 1 else "") + f" ({device})", file=sys.stderr)
+        patterns = fit_patterns(
+            model, data, device=device, progress=not args.quiet, checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every, mean_y=args.mean_y,
+            compute_dtype=_dtype(args.compute_dtype),
+        )
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            patterns.save(out)
+            print(patterns.report())
+            print(f"wrote {out}")
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from toolkit.quality import layer_quality
+
+    _single_process("quality")
+    device = _device(args.device)
+    model = _load_model(args, device)
+    patterns = _read_patterns(args.patterns, model)
+    dataset = _dataset(args, default_split="val")
+    data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=False, device=device)
+    kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
+    result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
+    print(result.table())
+    if args.figure:
+        from toolkit.plotting import evaluation
+
+        ax = evaluation.plot_layer_quality(result, title=f"signal estimators of {Path(args.model).name}")
+        print(f"wrote {_write_figure(ax.figure, Path(args.figure))}")
+    return 0
+
+
+def _single_process(command: str) -> None:
+    """Refuse to run a command that does not sum its statistics over processes under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CommandError(f"'toolkit {command}' runs in one process; start it without torchrun")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolkit.imagenet import read_images
+    from toolkit.plotting.images import explanation_grid
+
+    device = _device(args.device)
+    model = _load_model(args, device)
+    patterns = _read_patterns(args.patterns, model)
+    methods = _method_list(args.method or ["patternattribution"])
+    explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods}
+    preprocessing = _preprocessing(args)
+    images, names = read_images(args.images, preprocessing, device=device)
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
+    target = logits.argmax(1) if args.target is None else torch.full_like(logits[:, 0], args.target, dtype=torch.long)
+    categories = _categories(args.model, logits.shape[1])
+    probabilities = logits.softmax(1)
+
+    out = Path(args.out)
+    kinds = {m: METHODS[m][1] for m in methods}
+    for start in range(0, len(images), args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        results = {m: e.attribute(images[batch], target[batch]).cpu() for m, e in explainers.items()}
+        shown = preprocessing.denormalize(images[batch]).cpu()
+        for i, name in enumerate(names[batch]):
+            k = start + i
+            label = f"{categories[int(target[k])]} (p={probabilities[k, target[k]]:.3g})"
+            fig = explanation_grid(shown[i:i + 1], {m: r[i:i + 1] for m, r in results.items()}, kinds,
+                                   row_labels=[label])
+            path = _write_figure(fig, out / f"{Path(name).stem}.png")
+            print(f"{name}: {label} -> {path}")
+    return 0
+
+
+def _categories(model_spec: str, classes: int) -> list[str]:
+    from toolkit.zoo import TORCHVISION_MODELS, imagenet_categories
+
+    if model_spec in TORCHVISION_MODELS and classes == 1000:
+        return imagenet_categories()
+    return [f"class {i}" for i in range(classes)]
+
+
+def _method_list(values: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    """Method names from repeated and/or comma-separated values, checked, without repeats."""
+    methods = [m.strip().lower() for value in values for m in value.split(",") if m.strip()]
+    known = (*METHODS, *extra)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise CommandError(f"unknown method '{unknown[0]}'; choose from {', '.join(known)}")
+    return list(dict.fromkeys(methods))
+
+
+def _perturbation(args: argparse.Namespace) -> int:
+    from toolkit.perturbation import region_perturbation
+    from toolkit.plotting.evaluation import plot_perturbation
+
+    _single_process("perturbation")
+    device = _device(args.device)
+    model = _load_model(args, device)
+    patterns = _read_patterns(args.patterns, model)
+    methods = _method_list(args.methods, extra=("random",))
+    explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods if m != "random"}
+    dataset = _dataset(args, default_split="val")
+    data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=False, device=device)
+    settings = dict(patch=args.patch, steps=args.steps, replace=args.replace, batch_size=args.batch_size,
+                    progress=not args.quiet)
+    results = {}
+    for method in methods:
+        if method == "random":
+            results[method] = region_perturbation(model, None, data, order="random",
+                                                  random_repeats=args.random_repeats, seed=args.seed, **settings)
+        else:
+            results[method] = region_perturbation(model, explainers[method], data, **settings)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [f"{'method':<20}{'AOPC':>10}{'images':>8}{'p(0)':>8}{'p(L)':>8}"]
+    rows += [f"{m:<20}{r.aopc:>10.4f}{r.images:>8}{float(r.curve[0]):>8.3f}{float(r.curve[-1]):>8.3f}"
+             for m, r in results.items()]
+    print("\n".join(rows))
+    (out / "aopc.csv").write_text("method,aopc,images\n" + "".join(
+        f"{m},{r.aopc:.6f},{r.images}\n" for m, r in results.items()))
+    ax = plot_perturbation(results, title=f"region perturbation, {args.patch}x{args.patch} regions")
+    print(f"wrote {_write_figure(ax.figure, out / 'perturbation.png')} and {out / 'aopc.csv'}")
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -17,12 +421,168 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------
+# the parser
+# ----------------------------------------------------------------------------------
+MODEL_HELP = ("a torchvision model (alexnet, vgg11 ... vgg19, vgg16_bn ...), a factory "
+              "'package.module:function' (e.g. toolkit.models:SmallVGG), or a model file saved "
+              "by toolkit.models.save_model")
+WEIGHTS_HELP = ("torchvision models: DEFAULT (pretrained, from torch's cache or downloaded once), "
+                "another weight name (IMAGENET1K_V1), 'random', or a FILE (torch.save state dict or "
+                "safetensors); factories and model files: a FILE to load into the model "
+                "(default: DEFAULT)")
+DATA_HELP = ("an image folder (ImageNet root with train/ and val/, one folder per class, or a flat "
+             "folder of JPEG/PNG with an optional label file) or a tensor file (.pt, .npz) of model inputs")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _model_arguments(parser: argparse.ArgumentParser, patterns: str | None = None) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP)
+    group.add_argument("--weights", default="DEFAULT", metavar="WEIGHTS", help=WEIGHTS_HELP)
+    group.add_argument("--model-args", metavar="JSON", help="keyword arguments of a factory, as a JSON object")
+    group.add_argument("--offline", action="store_true",
+                       help="never download pretrained weights; fail with instructions if they are not cached")
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    if patterns == "required":
+        group.add_argument("--patterns", required=True, metavar="FILE", help="patterns written by 'toolkit fit'")
+    elif patterns == "optional":
+        group.add_argument("--patterns", metavar="FILE",
+                           help="patterns written by 'toolkit fit' (needed by patternnet, patternattribution)")
+
+
+def _image_arguments(group) -> None:
+    group.add_argument("--resize", type=positive_int, default=256, help="shorter image side after resizing (default: 256)")
+    group.add_argument("--crop", type=positive_int, default=224, help="side of the central crop (default: 224)")
+    group.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], metavar=("R", "G", "B"),
+                       help="per-channel mean subtracted after scaling to [0, 1] (default: ImageNet's)")
+    group.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225], metavar=("R", "G", "B"),
+                       help="per-channel standard deviation (default: ImageNet's)")
+
+
+def _data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, metavar="PATH", help=DATA_HELP)
+    group.add_argument("--split", help=f"train or val of an ImageNet root (default: {default_split}); "
+                                       "NAME selects NAME_images of an .npz file")
+    group.add_argument("--labels", metavar="FILE", help="label file of a flat image folder (LOC_val_solution.csv, "
+                                                         "a 'file,label' CSV, or ILSVRC2012_validation_ground_truth.txt)")
+    group.add_argument("--max-images", type=positive_int, metavar="N",
+                       help="use N images spread evenly over the data (every class contributes)")
+    group.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default: 32)")
+    group.add_argument("--workers", type=int, default=4, help="data loading processes (default: 4; 0 = in-process)")
+    group.add_argument("--decode-device", metavar="DEVICE",
+                       help="decode JPEGs and resize on this device (e.g. cuda) instead of in the workers")
+    _image_arguments(group)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="toolkit",
         description="PatternNet and PatternAttribution: fit patterns, explain, measure, reproduce the course.",
+        epilog="Run 'toolkit COMMAND --help' for the options of a command. Errors are one line; "
+               "set TOOLKIT_TRACEBACK=1 for the full traceback.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = commands.add_parser(
+        "fit", help="fit the patterns of every Conv2d/Linear layer of a model on images",
+        description="Stream the images through the model once, collect float64 statistics per layer and "
+                    "write the linear and two-component patterns (safetensors). Under torchrun every "
+                    "process fits its shard and rank 0 writes the result.",
+        epilog="examples:\n  toolkit fit --model vgg16 --data ~/imagenet --max-images 50000 --out vgg16.patterns.safetensors\n"
+               "  torchrun --nproc-per-node=8 -m toolkit.cli fit --model vgg16 --data ~/imagenet --out vgg16.patterns.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(fit)
+    _data_arguments(fit, "train")
+    group = fit.add_argument_group("fitting")
+    group.add_argument("--out", required=True, metavar="FILE", help="where to write the patterns (.safetensors)")
+    group.add_argument("--checkpoint", metavar="FILE",
+                       help="save the statistics here every --checkpoint-every batches and resume from it "
+                            "(under torchrun one file per process: ck.safetensors -> ck.rank0.safetensors, ...)")
+    group.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N", help="batches between checkpoints (default: 100)")
+    group.add_argument("--mean-y", choices=("global", "masked"), default="global",
+                       help="E[y] of the two-component patterns: over all samples (authors' code, the default) "
+                            "or over the component's samples")
+    group.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                       help="dtype of the model's forward pass (default: float32; float64 is exact and slower)")
+    group.add_argument("--compute-dtype", choices=("float32", "float64"), default="float64",
+                       help="dtype of the per-batch products (default: float64; the sums are always float64)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(run=_fit)
+
+    quality = commands.add_parser(
+        "quality", help="measure the signal estimators layer by layer (rho of the paper)",
+        description="Compute rho(S) = 1 - max corr(v^T (x - S(x)), w^T x) for every layer on held-out images "
+                    "and print the table.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(quality, patterns="required")
+    _data_arguments(quality, "val")
+    group = quality.add_argument_group("quality")
+    group.add_argument("--estimators", nargs="+", metavar="NAME",
+                       help="estimators to compare (default: those of toolkit.quality.layer_quality)")
+    group.add_argument("--figure", metavar="PNG", help="also draw the per-layer curves into this file")
+    group.add_argument("--ridge", type=float, default=0.0,
+                       help="relative Tikhonov term for layers with few samples (default: 0, the exact measure)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    quality.set_defaults(run=_quality)
+
+    explain = commands.add_parser(
+        "explain", help="explain the predictions for image files: one PNG per image",
+        description="Classify every image and draw the explanation of the predicted class (or --target) "
+                    "by each --method next to the input.",
+        epilog="example:\n  toolkit explain --model vgg16 --patterns vgg16.patterns.safetensors "
+               "--method gradient,patternnet,patternattribution data/images/*.jpg --out explanations",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(explain, patterns="optional")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    group = explain.add_argument_group("explanation")
+    group.add_argument("--method", action="append", metavar="METHOD",
+                       help=f"one of {', '.join(METHODS)}; repeat it or give a comma-separated list "
+                            "for several (default: patternattribution)")
+    group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
+                       help="which patterns PatternNet/PatternAttribution use (default: two_component)")
+    group.add_argument("--target", type=int, metavar="CLASS", help="explain this class (default: the predicted one)")
+    group.add_argument("--out", required=True, metavar="DIR", help="folder for the figures (IMAGE-STEM.png)")
+    group.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
+    _image_arguments(explain.add_argument_group("preprocessing"))
+    explain.set_defaults(run=_explain)
+
+    perturbation = commands.add_parser(
+        "perturbation", help="region perturbation: how fast does the output fall when relevant patches go",
+        description="Replace the most relevant regions of each image first (by each method's "
+                    "explanation of the predicted class), record the probability of that class after "
+                    "every step, and print the AOPC (area over the perturbation curve) of every method; "
+                    "write the curves to OUT/perturbation.png and the AOPCs to OUT/aopc.csv.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(perturbation, patterns="optional")
+    _data_arguments(perturbation, "val")
+    group = perturbation.add_argument_group("perturbation")
+    group.add_argument("--methods", nargs="+", default=["gradient", "patternnet", "patternattribution", "random"],
+                       metavar="METHOD", help=f"methods to compare, of {', '.join(METHODS)}, and random (the "
+                            "baseline: regions in random order) (default: gradient patternnet patternattribution random)")
+    group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
+                       help="patterns used by PatternNet/PatternAttribution (default: two_component)")
+    group.add_argument("--patch", type=positive_int, default=9, help="side of the square patches in pixels (default: 9)")
+    group.add_argument("--steps", type=positive_int, help="number of regions perturbed, one per step "
+                                                          "(default: every region of the image)")
+    group.add_argument("--replace", choices=("mean", "zero"), default="mean",
+                       help="replace a region by its own per-channel mean (the paper) or by 0 (default: mean)")
+    group.add_argument("--random-repeats", type=positive_int, default=10,
+                       help="random orderings per image for the random baseline (default: 10)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random orderings (default: 0)")
+    group.add_argument("--out", required=True, metavar="DIR",
+                       help="folder for the figure perturbation.png and the table aopc.csv")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    perturbation.set_defaults(run=_perturbation)
 
     rep = commands.add_parser("reproduce", help="execute the course's notebooks headless and save their figures",
                               description="Execute the notebooks in order; write the executed notebooks and "
@@ -34,12 +594,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean 'fix the command line or the files', not a bug."""
+    errors: list[type[BaseException]] = [OSError, ValueError, ImportError]
+    if "toolkit.layers" in sys.modules:
+        errors.append(sys.modules["toolkit.layers"].UnsupportedLayerError)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``toolkit`` command; return its exit status."""
     args = build_parser().parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"toolkit {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"toolkit {args.command}: error: {error}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return args.run(args)
+    except KeyboardInterrupt:
+        print(f"toolkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not isinstance(error, _user_errors()) or os.environ.get("TOOLKIT_TRACEBACK"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"toolkit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
