@@ -32,11 +32,20 @@ _LAZY = {
 }
 
 
+# submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
+_SUBMODULES = (
+    "linear", "layers", "patterns", "methods", "quality", "perturbation", "data", "models",
+    "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+)
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"toolkit.{name}")
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
