@@ -166,7 +166,7 @@ class Layer:
     def neuron_values(self, t: Tensor) -> Tensor:
         """Reshape an output-shaped tensor to ``(samples, neurons)``, one row per sample
         and spatial position."""
-        if t.dim() == 4:
+        if self.is_conv:
             return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
         return t.reshape(-1, t.shape[-1])
 
