@@ -1,0 +1,389 @@
+"""Tests of the layer-wise signal-estimator quality (toolkit.quality) and its figure.
+
+What must hold:
+* ``layer_quality`` equals a brute-force least-squares regression of ``y`` on the
+  explicitly computed distractor ``d = x - S(x)`` for every estimator, in a Conv2d with
+  stride and padding and a Linear layer behind ReLUs -- also when some inputs are
+  constant (a dead channel makes ``Sigma_x`` singular);
+* on data from an exactly linear model, S_a and S_a+- leave no signal (rho = 1) and
+  S_w and the random baseline do;
+* the result does not depend on the batch size;
+* undefined neurons are NaN, masked and left out of the means; the identity estimator
+  and bad input get clear errors; too few samples warn.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+matplotlib.use("Agg")
+
+from toolkit.linear import UndefinedQualityError  # noqa: E402
+from toolkit.patterns import PatternMismatchError, fit_patterns  # noqa: E402
+from toolkit.quality import (ESTIMATORS, QualityResult, collect_moments, filter_pattern,  # noqa: E402
+                             layer_quality, random_pattern, rho_from_moments)
+
+
+# ----------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------
+def small_net(dead_channel: bool = False, seed: int = 0) -> nn.Sequential:
+    """conv(2->4, 3x3, pad 1) ReLU conv(4->5, 3x3, stride 2, pad 1) ReLU flatten linear(80->6), float64.
+
+    With ``dead_channel`` the first conv's last channel is 0 after the ReLU, so the
+    second conv sees constant inputs; neuron 0 of that conv ignores the channel, neuron
+    1 is always active and neuron 2 never (one-sided neurons).
+    """
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(80, 6)).double()
+    if dead_channel:
+        with torch.no_grad():
+            net[0].weight[3] = 0.0
+            net[0].bias[3] = -1.0
+            net[2].weight[0, 3] = 0.0
+            net[2].bias[1] = 50.0
+            net[2].bias[2] = -50.0
+    return net
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64)
+    return x + 0.5 * x.roll(1, dims=3)  # correlated neighbours
+
+
+def layer_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and output of every Conv2d/Linear layer, by plain forward hooks."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def samples_of(module: nn.Module, x: torch.Tensor, z: torch.Tensor):
+    """(patches (n, D), outputs incl. bias (n, J)) of one layer as NumPy arrays."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, padding=module.padding, stride=module.stride)
+        patches = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+        outputs = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    else:
+        patches, outputs = x, z
+    return patches.numpy(), outputs.numpy()
+
+
+def brute_force_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarray,
+                    a_pos: np.ndarray, a_neg: np.ndarray) -> float:
+    """1 - corr(fitted, y) of the least-squares regression of centred y on centred d."""
+    y = patches @ w
+    y_pos = y * active
+    d = patches - np.outer(y_pos, a_pos) - np.outer(y - y_pos, a_neg)
+    d = d - d.mean(0)
+    yc = y - y.mean()
+    if not yc.any():
+        return math.nan  # y constant: rho undefined
+    coef, *_ = np.linalg.lstsq(d, yc, rcond=None)
+    fitted = d @ coef
+    if fitted @ fitted == 0:
+        return 1.0
+    return 1.0 - (fitted @ yc) / np.sqrt((fitted @ fitted) * (yc @ yc))
+
+
+def on_plane(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Rescale rows with w^T a = 1 up to round-off to w^T a = 1 exactly-ish.
+
+    A fitted pattern is normalised so that w^T a = 1, but round-off (e.g. 5e-13 when
+    inputs have a large mean) leaves w^T d = (1 - w^T a) y, a read-out that lstsq finds
+    and that makes rho = 0. The toolkit counts |1 - w^T a| <= 1e-8 |w| |a| as w^T a = 1;
+    the reference does the same by rescaling.
+    """
+    wa = (a * w).sum(1, keepdims=True)
+    scale = np.linalg.norm(a, axis=1, keepdims=True) * np.linalg.norm(w, axis=1, keepdims=True)
+    close = np.abs(1 - wa) <= 1e-8 * scale
+    return np.where(close & (wa != 0), a / np.where(wa != 0, wa, 1), a)
+
+
+def directions(name, weight, layer_patterns, seed=0):
+    j = weight.shape[0]
+    w = weight.reshape(j, -1).numpy()
+    if name == "random":
+        a_pos = a_neg = random_pattern(weight, seed)
+    elif name == "filter":
+        a_pos = a_neg = filter_pattern(weight)
+    elif name == "linear":
+        a_pos = a_neg = layer_patterns.linear
+    else:
+        a_pos, a_neg = layer_patterns.positive, layer_patterns.negative
+    return on_plane(a_pos.reshape(j, -1).numpy(), w), on_plane(a_neg.reshape(j, -1).numpy(), w)
+
+
+def reference(model, patterns, x):
+    """Brute-force rho per layer, estimator and neuron."""
+    io = layer_io(model, x)
+    result = {}
+    for name, module in model.named_modules():
+        if name not in io:
+            continue
+        patches, z = samples_of(module, *io[name])
+        weight = module.weight.detach()
+        w = weight.reshape(weight.shape[0], -1).numpy()
+        bias = module.bias.detach().numpy() if module.bias is not None else 0.0
+        active = (z > 0)  # z includes the bias
+        assert np.allclose(z - bias, patches @ w.T)
+        result[name] = {}
+        for est in ESTIMATORS:
+            a_pos, a_neg = directions(est, weight, patterns[name])
+            result[name][est] = np.array([
+                brute_force_rho(patches, w[j], active[:, j], a_pos[j], a_neg[j])
+                for j in range(w.shape[0])])
+    return result
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model = small_net()
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    return model, patterns
+
+
+# ----------------------------------------------------------------------------------
+# the closed form equals brute force
+# ----------------------------------------------------------------------------------
+def test_equals_brute_force_regression(fitted):
+    model, patterns = fitted
+    x = images(300, seed=2)
+    result = layer_quality(model, patterns, torch.split(x, 64), progress=False)
+    expected = reference(model, patterns, x)
+    assert result.layers == ["0", "2", "5"]
+    for layer in result.layers:
+        for est in ESTIMATORS:
+            got = result.per_neuron[layer][est].numpy()
+            np.testing.assert_allclose(got, expected[layer][est], rtol=0, atol=1e-6,
+                                       err_msg=f"layer {layer}, estimator {est}")
+            assert result.defined[layer][est].all()
+            assert result.mean[layer][est] == pytest.approx(expected[layer][est].mean(), abs=1e-6)
+    # the measure separates the estimators: S_a+- at least as good as S_a in every layer here
+    for layer in result.layers:
+        assert result.mean[layer]["two_component"] > result.mean[layer]["random"]
+
+
+def test_equals_brute_force_with_constant_inputs():
+    """A dead channel makes Sigma_x singular. The filter pattern of a neuron that
+    weighs the dead channel has a component where x is constant, so d carries y there
+    exactly (rho = 0); neuron 0 ignores the channel and gets a proper value."""
+    model = small_net(dead_channel=True)
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    x = images(300, seed=2)
+    result = layer_quality(model, patterns, x, batch_size=100, progress=False)
+    expected = reference(model, patterns, x)
+    io = layer_io(model, x)
+    patches, _ = samples_of(model[2], *io["2"])
+    assert np.linalg.matrix_rank(patches - patches.mean(0)) < patches.shape[1]  # Sigma_x singular
+    # the dead neuron of the first layer has w = 0: y is constant, rho undefined
+    assert not result.defined["0"]["linear"][3] and result.defined["0"]["linear"][:3].all()
+    for layer in result.layers:
+        for est in ESTIMATORS:
+            np.testing.assert_allclose(result.per_neuron[layer][est].numpy(), expected[layer][est],
+                                       rtol=0, atol=1e-6, err_msg=f"layer {layer}, estimator {est}")
+    filt = result.per_neuron["2"]["filter"]
+    assert filt[1:].abs().max() < 1e-6 and filt[0] > 0.01
+
+
+def test_arbitrary_directions_equal_brute_force(fitted):
+    """The closed form for any a_+ != a_-, also off the plane w^T a = 1 (where
+    w^T d = (1 - w^T a_+) y_+ + (1 - w^T a_-) y_- is a read-out the estimator leaves)."""
+    model, _ = fitted
+    x = images(300, seed=2)
+    plan, moments = collect_moments(model, x, layers=["2"], progress=False)
+    layer = plan["2"]
+    w = layer.weight().reshape(5, -1)
+    g = torch.Generator().manual_seed(7)
+    a_pos = torch.randn(5, 36, generator=g, dtype=torch.float64)
+    a_neg = torch.randn(5, 36, generator=g, dtype=torch.float64)
+    on_plane = (a_pos / (a_pos * w).sum(1, keepdim=True), a_neg / (a_neg * w).sum(1, keepdim=True))
+    off_plane = (a_pos, a_neg)
+    half = (on_plane[0], a_neg)  # a_+ on the plane, a_- off it
+    rho, defined = rho_from_moments(moments["2"], layer.weight(),
+                                       {"on": on_plane, "off": off_plane, "half": half})
+    io = layer_io(model, x)
+    patches, z = samples_of(model[2], *io["2"])
+    for name, (p, n) in {"on": on_plane, "off": off_plane, "half": half}.items():
+        expected = [brute_force_rho(patches, w[j].numpy(), z[:, j] > 0, p[j].numpy(), n[j].numpy())
+                    for j in range(5)]
+        np.testing.assert_allclose(rho[name].numpy(), expected, atol=1e-6, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------
+# the linear signal/distractor model
+# ----------------------------------------------------------------------------------
+def linear_model_data(n: int, a_s: torch.Tensor, a_d: torch.Tensor, seed: int) -> torch.Tensor:
+    """x = a_s y + a_d eps with eps exactly uncorrelated with (1, y) on {y > 0} and {y <= 0}."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(n, a_d.shape[1], generator=g, dtype=torch.float64)
+    for side in (y > 0, y <= 0):
+        basis = torch.stack([torch.ones(int(side.sum()), dtype=torch.float64), y[side]], 1)
+        e = eps[side]
+        eps[side] = e - basis @ torch.linalg.lstsq(basis, e).solution
+    return y[:, None] * a_s + eps @ a_d.T
+
+
+def test_linear_model_patterns_recover_the_signal():
+    g = torch.Generator().manual_seed(42)  # not seed 0: that is the random baseline's draw
+    dim = 5
+    a_s = torch.randn(dim, generator=g, dtype=torch.float64)
+    a_d = torch.randn(dim, dim - 1, generator=g, dtype=torch.float64)
+    # the filter: orthogonal to the distractor, w^T a_s = 1
+    q, _ = torch.linalg.qr(torch.cat([a_d, a_s[:, None]], 1))
+    w = q[:, -1] / (q[:, -1] @ a_s)
+    model = nn.Sequential(nn.Linear(dim, 1, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(w[None])
+    fit = linear_model_data(2000, a_s, a_d, seed=1)
+    patterns = fit_patterns(model, [fit], progress=False)
+    np.testing.assert_allclose(patterns["0"].linear[0].numpy(), a_s.numpy(), atol=1e-10)
+    test = linear_model_data(3000, a_s, a_d, seed=2)
+    result = layer_quality(model, patterns, test, batch_size=512, progress=False)
+    mean = result.mean["0"]
+    assert mean["linear"] == pytest.approx(1.0, abs=1e-7)
+    assert mean["two_component"] == pytest.approx(1.0, abs=1e-7)
+    assert mean["filter"] < 0.9 and mean["random"] < 0.9
+
+
+# ----------------------------------------------------------------------------------
+# streaming
+# ----------------------------------------------------------------------------------
+def test_batch_size_independence(fitted):
+    model, patterns = fitted
+    x = images(120, seed=3)
+    a = layer_quality(model, patterns, torch.split(x, 7), progress=False)
+    b = layer_quality(model, patterns, x, batch_size=120, progress=False)
+    for layer in a.layers:
+        for est in ESTIMATORS:
+            np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
+                                       b.per_neuron[layer][est].numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_layers_subset_labels_and_max_batches(fitted):
+    model, patterns = fitted
+    x = images(120, seed=3)
+    pairs = [(b, torch.zeros(len(b))) for b in torch.split(x, 40)]
+    sub = layer_quality(model, patterns, pairs, estimators=("filter", "linear"), layers=["2"],
+                        max_batches=2, progress=False)
+    assert sub.layers == ["2"] and sub.estimators == ("filter", "linear")
+    assert sub.samples["2"] == 80 * 16
+    with pytest.warns(RuntimeWarning, match="no more samples than inputs"):
+        full = layer_quality(model, patterns, x[:80], progress=False)
+    np.testing.assert_allclose(sub.per_neuron["2"]["linear"].numpy(),
+                               full.per_neuron["2"]["linear"].numpy(), rtol=1e-10)
+
+
+def test_float32_model_matches_float64(fitted):
+    model, patterns = fitted
+    x = images(200, seed=4)
+    a = layer_quality(model, patterns, x, progress=False)
+    model32 = small_net().float()
+    patterns32 = fit_patterns(model32, torch.split(images(200, seed=1).float(), 50), progress=False)
+    b = layer_quality(model32, patterns32, x.float(), progress=False)
+    for layer in a.layers:
+        for est in ESTIMATORS:
+            np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
+                                       b.per_neuron[layer][est].numpy(), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------
+# undefined values, errors, warnings
+# ----------------------------------------------------------------------------------
+def test_zero_variance_neuron_is_masked_not_averaged():
+    model = small_net()
+    with torch.no_grad():
+        model[5].weight[2] = 0.0
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    result = layer_quality(model, patterns, images(300, seed=2), progress=False)
+    for est in ESTIMATORS:
+        values, mask = result.per_neuron["5"][est], result.defined["5"][est]
+        assert not mask[2] and mask.sum() == 5
+        assert math.isnan(values[2]) and not values[mask].isnan().any()
+        assert result.mean["5"][est] == pytest.approx(float(values[mask].mean()))
+    assert result.undefined("5") == 1 and result.undefined("0") == 0
+    assert "undefined" in result.table()
+
+
+def test_identity_estimator_is_undefined(fitted):
+    model, patterns = fitted
+    with pytest.raises(UndefinedQualityError, match="identity"):
+        layer_quality(model, patterns, images(10, seed=0), estimators=("identity", "linear"))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        layer_quality(model, patterns, images(10, seed=0), estimators=("pattern",))
+
+
+def test_clear_errors(fitted):
+    model, patterns = fitted
+    x = images(20, seed=0)
+    with pytest.raises(ValueError, match="no batches"):
+        layer_quality(model, patterns, [], progress=False)
+    bad = x.clone()
+    bad[3, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        layer_quality(model, patterns, bad, progress=False)
+    with pytest.raises(ValueError, match="need fitted patterns"):
+        layer_quality(model, None, x, progress=False)
+    with pytest.raises(ValueError, match="unknown layers"):
+        layer_quality(model, patterns, x, layers=["nope"], progress=False)
+    with pytest.raises(PatternMismatchError):
+        layer_quality(small_net(seed=5), patterns, x, progress=False)
+    with pytest.raises(ValueError, match="ridge"):
+        layer_quality(model, patterns, x, ridge=-1.0, progress=False)
+
+
+def test_too_few_samples_warn_and_ridge(fitted):
+    model, patterns = fitted
+    x = images(30, seed=5)  # the Linear layer has D = 80 inputs
+    with pytest.warns(RuntimeWarning, match=r"n <= D \+ 1"):
+        result = layer_quality(model, patterns, x, progress=False)
+    assert result.per_neuron["5"]["linear"].abs().max() < 1e-6  # trivially perfect fit
+    ridged = layer_quality(model, patterns, x, ridge=0.1, progress=False)
+    assert (ridged.per_neuron["5"]["linear"] > 0.01).all()
+    assert all(0 <= v <= 1 for e in ridged.mean.values() for v in e.values())
+
+
+def test_random_pattern_is_reproducible_and_scaled():
+    weight = torch.randn(7, 3, 2, 2, dtype=torch.float64)
+    a = random_pattern(weight, seed=3)
+    assert torch.equal(a, random_pattern(weight, seed=3))
+    assert not torch.equal(a, random_pattern(weight, seed=4))
+    ones = (a.reshape(7, -1) * weight.reshape(7, -1)).sum(1)
+    np.testing.assert_allclose(ones.numpy(), 1.0, rtol=1e-12)
+    weight[2] = 0
+    assert random_pattern(weight, 3)[2].abs().max() == 0 and filter_pattern(weight)[2].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------
+# the result and its figure
+# ----------------------------------------------------------------------------------
+def test_result_table_dict_and_plot(fitted):
+    from toolkit.plotting.evaluation import plot_layer_quality
+
+    model, patterns = fitted
+    result = layer_quality(model, patterns, images(100, seed=6), progress=False)
+    assert isinstance(result, QualityResult)
+    table = str(result)
+    assert all(name in table for name in ESTIMATORS) and len(table.splitlines()) == 2 + 3
+    assert result.to_dict()["2"]["linear"] == result.mean["2"]["linear"]
+    ax = plot_layer_quality(result)
+    assert len(ax.get_lines()) == len(ESTIMATORS)
+    assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "random" and any("S_w" in t or "S_{w}" in t for t in labels)
+    assert [t.get_text() for t in ax.get_xticklabels()] == result.layers
