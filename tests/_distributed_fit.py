@@ -9,6 +9,7 @@ Every rank builds the same model and batches (seeded), initialises the process g
 with ``file://INIT_FILE`` and fits the patterns
 
 * ``dealt``   -- over a plain list of batches (``fit_patterns`` deals them round-robin),
+  and measures ``layer_quality`` of those patterns on the same dealt batches,
 * ``sampled`` -- over a DataLoader with a ``DistributedSampler`` (each rank its shard),
 * ``starved`` -- over a single batch, so one rank gets nothing: every rank must raise a
   clear error instead of hanging in the all-reduce,
@@ -70,10 +71,22 @@ def batches() -> list[torch.Tensor]:
     return list(torch.split(images(N_IMAGES), BATCH))
 
 
+def quality_tensors(model, patterns) -> dict[str, torch.Tensor]:
+    """rho(S) per neuron of every layer and estimator, keyed ``layer/estimator``."""
+    from toolkit.quality import layer_quality
+
+    result = layer_quality(model, patterns, batches(), progress=False)
+    return {f"{layer}/{estimator}": rho.contiguous()
+            for layer, per_estimator in result.per_neuron.items()
+            for estimator, rho in per_estimator.items()}
+
+
 def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
+
+    from safetensors.torch import save_file
 
     from toolkit.patterns import fit_patterns
 
@@ -82,7 +95,9 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = conv_net()
-        fit_patterns(model, batches(), progress=False).save(out / f"dealt.rank{rank}.safetensors")
+        patterns = fit_patterns(model, batches(), progress=False)
+        patterns.save(out / f"dealt.rank{rank}.safetensors")
+        save_file(quality_tensors(model, patterns), str(out / f"quality.rank{rank}.safetensors"))
 
         dataset = TensorDataset(images(N_IMAGES))
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)

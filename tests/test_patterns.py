@@ -280,6 +280,19 @@ def test_two_processes_equal_one(tmp_path):
                 assert torch.equal(t, ranks[1].statistics[name].tensors()[key])
             assert int(ranks[0].statistics[name].n) == int(single.statistics[name].n)
         assert_same_patterns(ranks[0], single, rtol=1e-10)
+    from safetensors.torch import load_file
+    from _distributed_fit import quality_tensors
+
+    single_quality = quality_tensors(model, single)
+    for rank in range(2):  # layer quality: moments summed over the processes
+        ranked = load_file(str(tmp_path / f"quality.rank{rank}.safetensors"))
+        assert ranked.keys() == single_quality.keys()
+        for key, rho in single_quality.items():
+            # rho = 1 - sqrt(R^2): where R^2 ~ 0 the square root turns its rounding
+            # (1e-16) into 1e-8, so compare rho to 1e-7 and R^2 = (1 - rho)^2 to 1e-12
+            torch.testing.assert_close(ranked[key], rho, rtol=0, atol=1e-7, equal_nan=True)
+            torch.testing.assert_close((1 - ranked[key]) ** 2, (1 - rho) ** 2, rtol=1e-9,
+                                       atol=1e-12, equal_nan=True)
     for rank in range(2):  # one rank got no batch: a clear error on both, no hang
         message = (tmp_path / f"starved.rank{rank}.txt").read_text()
         assert "got no batches" in message, message

@@ -303,20 +303,20 @@ def _fit(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from toolkit.quality import layer_quality
 
-    _single_process("quality")
-    device = _device(args.device)
-    model = _load_model(args, device)
-    patterns = _read_patterns(args.patterns, model)
-    dataset = _dataset(args, default_split="val")
-    data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=False, device=device)
-    kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
-    result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
-    print(result.table())
-    if args.figure:
-        from toolkit.plotting import evaluation
+    with distributed(args.device) as (rank, world, device):
+        model = _load_model_first_on_rank_0(args, rank, world, device, None)
+        patterns = _read_patterns(args.patterns, model)
+        dataset = _dataset(args, default_split="val")
+        data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=world > 1, device=device)
+        kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
+        result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
+        if rank == 0:
+            print(result.table())
+            if args.figure:
+                from toolkit.plotting import evaluation
 
-        ax = evaluation.plot_layer_quality(result, title=f"signal estimators of {Path(args.model).name}")
-        print(f"wrote {_write_figure(ax.figure, Path(args.figure))}")
+                ax = evaluation.plot_layer_quality(result, title=f"signal estimators of {Path(args.model).name}")
+                print(f"wrote {_write_figure(ax.figure, Path(args.figure))}")
     return 0
 
 

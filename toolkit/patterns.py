@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world, sum_over_ranks
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
 
 __all__ = [
@@ -162,10 +163,7 @@ class Statistics:
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks, in place."""
-        import torch.distributed as dist
-
-        for t in self.tensors().values():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        sum_over_ranks(self.tensors().values())
 
 
 # ----------------------------------------------------------------------------------
@@ -476,31 +474,6 @@ def _check_batch(x: Tensor, index: int, expected: tuple[int, ...] | None) -> Non
         raise ValueError(f"batch {index} contains NaN or Inf values")
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) when torch.distributed is initialised, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _is_sharded(data) -> bool:
-    sampler = getattr(data, "sampler", None)
-    from torch.utils.data.distributed import DistributedSampler
-
-    return isinstance(sampler, DistributedSampler)
-
-
-def _own_batches(data, rank: int, world: int) -> Iterator[tuple[int, object]]:
-    """Yield ``(index, batch)``; with several ranks and unsharded data, batches are
-    dealt round-robin: rank r takes batches r, r + world, r + 2 world, ..."""
-    deal = world > 1 and not _is_sharded(data)
-    for i, batch in enumerate(data):
-        if not deal or i % world == rank:
-            yield i, batch
-
-
 def _checkpoint_path(checkpoint, rank: int, world: int) -> Path:
     path = Path(checkpoint)
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
@@ -603,7 +576,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
         raise TypeError("data must be an iterable of batches (a DataLoader, or a list such as "
                         "[inputs] or torch.split(inputs, 64)), not a single tensor: iterating "
                         "over a tensor gives single samples")
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     parameter = next(model.parameters(), None)
     model_device = parameter.device if parameter is not None else torch.device("cpu")
     input_dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else None
@@ -619,7 +592,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
     started, images = time.perf_counter(), 0
     try:
         with evaluation_mode(model), torch.no_grad():
-            for index, batch in _own_batches(data, rank, world):
+            for index, batch in own_batches(data, rank, world):
                 if max_batches is not None and index >= max_batches:
                     break
                 x = _inputs(batch)
@@ -652,7 +625,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
         bar.close()
 
     if world > 1:
-        _check_all_ranks_have_data(plan is not None, rank, device)
+        check_all_ranks_have_data(plan is not None, device)
     if plan is None:
         raise ValueError("data holds no batches: nothing to fit the patterns on")
     if ckpt is not None:
@@ -668,19 +641,6 @@ def _same_device(device: torch.device, model_device: torch.device) -> torch.devi
     if device.type == model_device.type and device.index is None:
         return model_device
     return device
-
-
-def _check_all_ranks_have_data(has_data: bool, rank: int, device: torch.device) -> None:
-    """Raise on every rank, instead of hanging in the all-reduce, if any rank got no batch."""
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if has_data else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if not int(flag):
-        raise ValueError(
-            f"a process got no batches (this is rank {rank}, "
-            f"{'with' if has_data else 'without'} batches): give every process at least one "
-            "batch (more batches than processes, or a DistributedSampler)")
 
 
 def _start(model: nn.Module, x: Tensor) -> Plan:

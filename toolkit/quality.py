@@ -132,13 +132,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from toolkit.distributed import (broadcast_from_rank_0, check_all_ranks_have_data, is_sharded,
+                                 own_batches, rank_and_world, sum_over_ranks)
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
 from toolkit.linear import UndefinedQualityError
 
@@ -354,6 +356,22 @@ class LayerMoments:
                 positions = patches.shape[0] // min(chunk, images - start)
                 self.shift = patches[:positions].mean(0)
             self._add(patches - self.shift, active, w)
+
+    def reshift(self, shift: Tensor) -> None:
+        """Express the sums relative to another ``shift`` (exactly: every sum is a
+        polynomial in the shift), so that moments of different processes can be added."""
+        delta = self.shift - shift  # x - shift = (x - self.shift) + delta
+        self.sum_xx += torch.outer(self.sum_x, delta) + torch.outer(delta, self.sum_x) \
+            + self.n * torch.outer(delta, delta)
+        self.sum_xy_pos += torch.outer(self.sum_y_pos, delta)
+        self.sum_x += self.n * delta
+        self.shift = shift.clone()
+
+    def all_reduce(self) -> None:
+        """Sum the moments of all ``torch.distributed`` ranks in place, after moving them
+        to rank 0's shift."""
+        self.reshift(broadcast_from_rank_0(self.shift.clone()))
+        sum_over_ranks(getattr(self, f.name) for f in fields(self) if f.name != "shift")
 
     def _add(self, patches: Tensor, active: Tensor, w: Tensor) -> None:
         y = torch.addmm(w @ self.shift, patches, w.T)  # w^T x with x = patches + shift
@@ -760,9 +778,10 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
     if device != model_device:
         model = copy.deepcopy(model).to(device)
     plan, moments, shape = None, None, None
-    bar = _progress(data, max_batches, progress)
+    rank, world = rank_and_world()
+    bar = _progress(data, max_batches, progress and rank == 0)
     with evaluation_mode(model), torch.no_grad():
-        for index, x in enumerate(_input_batches(data, batch_size)):
+        for index, x in own_batches(_input_batches(data, batch_size), rank, world, is_sharded(data)):
             if max_batches is not None and index >= max_batches:
                 break
             _check_inputs(x, index)
@@ -788,8 +807,13 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
                 model(x)
             bar.update(1)
     bar.close()
+    if world > 1:
+        check_all_ranks_have_data(plan is not None, device)
     if plan is None:
         raise ValueError("data holds no batches: nothing to measure the quality on")
+    if world > 1:
+        for m in moments.values():
+            m.all_reduce()
     return plan, moments
 
 
