@@ -1,0 +1,586 @@
+"""All explanation methods of the paper on the same images, and their scores against a known truth.
+
+The notebooks compare the methods side by side again and again; this module keeps that
+bookkeeping out of them:
+
+* :func:`make_explainers` builds one explainer per method (:data:`METHODS`), the
+  pattern-based ones with the linear (``S_a``) and the two-component (``S_a+-``)
+  patterns;
+* :func:`explain_all` runs them on a batch of images and returns ``{name: explanation}``,
+  ready for :func:`toolkit.plotting.images.explanation_grid` (with :data:`KINDS` and
+  :data:`TITLES`);
+* :func:`estimator_patterns` turns fitted patterns into those of another estimator
+  (the filter ``S_w`` or the random baseline), so PatternNet / PatternAttribution can
+  show the signal and attribution *of each estimator*, as in the paper;
+* :func:`ground_truth_scores` scores explanations of images with a known signal
+  (:func:`toolkit.data.make_ground_truth_images`) and returns a :class:`ScoreTable`;
+* :func:`merge_quality` joins layer-quality results measured on different layers (few
+  images for the convolutions, many for the dense layers) and :func:`quality_table`
+  prints them rounded, next to what an ideal estimator would score on that many
+  samples (:func:`ideal_rho`);
+* :func:`explain_estimators` gives the signal and attribution of each estimator
+  (``S_x``, ``S_w``, ``S_a``, ``S_a+-``), :func:`perturb_all` the region-perturbation
+  curves of several methods and the random order, :func:`perturbation_table` their AOPC.
+
+What the scores mean
+--------------------
+A *signal* (Gradient, DeconvNet, Guided Backprop, PatternNet) lives in input space and
+can be compared with the true signal ``s = y a_s`` pixel by pixel: ``signal corr`` is
+their Pearson correlation per image, ``distractor corr`` the correlation with the true
+distractor ``d`` of the same image (high: the method copies the distractor). An
+*attribution* (PatternAttribution, LRP) says how much each pixel contributes to the
+predicted class; its sign follows the class, not the sign of ``y``, so correlations with
+``s`` are not shown for it. For every method, ``|r|`` summed over channels gives
+``mass in signal`` (share of ``|r|`` on the signal's pixels), ``mass on distractor``
+(share on the distractor's pixels that the signal does not cover) and
+``precision@k`` (share of the ``k`` largest ``|r|`` on the signal, ``k`` = the
+signal's area).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from toolkit.methods import (LRPZ, DeconvNet, Explainer, Gradient, GuidedBackprop,
+                             PatternAttribution, PatternNet, Target)
+
+__all__ = [
+    "METHODS",
+    "PATTERN_METHODS",
+    "KINDS",
+    "TITLES",
+    "LABELS",
+    "SCORES",
+    "ESTIMATOR_NAMES",
+    "make_explainers",
+    "explain_all",
+    "estimator_patterns",
+    "explain_estimators",
+    "estimator_kinds",
+    "estimator_titles",
+    "Absolute",
+    "perturb_all",
+    "perturbation_table",
+    "ScoreTable",
+    "ground_truth_scores",
+    "merge_quality",
+    "ideal_rho",
+    "quality_table",
+]
+
+#: Every method, in the order of the paper's comparison.
+METHODS = (
+    "gradient",
+    "deconvnet",
+    "guided_backprop",
+    "patternnet_linear",
+    "patternnet",
+    "patternattribution_linear",
+    "patternattribution",
+    "lrp_z",
+)
+#: The methods that need fitted patterns.
+PATTERN_METHODS = ("patternnet_linear", "patternnet", "patternattribution_linear",
+                   "patternattribution")
+
+#: How each method's output is drawn by :func:`toolkit.plotting.images.explanation_grid`.
+KINDS = {
+    "gradient": "signal",
+    "deconvnet": "signal",
+    "guided_backprop": "signal",
+    "patternnet_linear": "signal",
+    "patternnet": "signal",
+    "patternattribution_linear": "attribution",
+    "patternattribution": "attribution",
+    "lrp_z": "attribution",
+}
+#: Column titles for figures and tables.
+TITLES = {
+    "gradient": "Gradient",
+    "deconvnet": "DeconvNet",
+    "guided_backprop": "Guided BP",
+    "patternnet_linear": "PatternNet S_a",
+    "patternnet": "PatternNet S_a+-",
+    "patternattribution_linear": "PattAttr S_a",
+    "patternattribution": "PattAttr S_a+-",
+    "lrp_z": "LRP-z",
+}
+
+#: Column titles with mathtext, for figures.
+LABELS = {
+    "gradient": "Gradient",
+    "deconvnet": "DeconvNet",
+    "guided_backprop": "Guided Backprop",
+    "patternnet_linear": r"PatternNet $S_a$",
+    "patternnet": r"PatternNet $S_{a\pm}$",
+    "patternattribution_linear": r"PattAttr $S_a$",
+    "patternattribution": r"PattAttr $S_{a\pm}$",
+    "lrp_z": "LRP-z",
+}
+
+_FACTORIES = {
+    "gradient": lambda model, patterns: Gradient(model),
+    "deconvnet": lambda model, patterns: DeconvNet(model),
+    "guided_backprop": lambda model, patterns: GuidedBackprop(model),
+    "patternnet_linear": lambda model, patterns: PatternNet(model, patterns, kind="linear"),
+    "patternnet": lambda model, patterns: PatternNet(model, patterns, kind="two_component"),
+    "patternattribution_linear":
+        lambda model, patterns: PatternAttribution(model, patterns, kind="linear"),
+    "patternattribution":
+        lambda model, patterns: PatternAttribution(model, patterns, kind="two_component"),
+    "lrp_z": lambda model, patterns: LRPZ(model),
+}
+
+
+def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in _FACTORIES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods} name a method twice")
+    return methods
+
+
+def make_explainers(model: nn.Module, patterns=None,
+                    methods: Sequence[str] = METHODS) -> dict[str, Explainer]:
+    """One explainer per method, in the order of ``methods``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    patterns : toolkit.patterns.Patterns, optional
+        Fitted for ``model``; needed only for the :data:`PATTERN_METHODS`.
+    methods : sequence of str
+        Any of :data:`METHODS`.
+
+    Returns
+    -------
+    dict[str, toolkit.methods.Explainer]
+    """
+    methods = _check_methods(methods)
+    needs = [m for m in methods if m in PATTERN_METHODS]
+    if needs and patterns is None:
+        raise ValueError(f"the methods {needs} need patterns: fit them with "
+                         "toolkit.fit_patterns(model, data)")
+    return {name: _FACTORIES[name](model, patterns) for name in methods}
+
+
+def explain_all(model: nn.Module, patterns, images: Tensor, target: Target = None,
+                methods: Sequence[str] = METHODS, batch_size: int = 256) -> dict[str, Tensor]:
+    """Explain ``images`` with every method.
+
+    Parameters
+    ----------
+    model : nn.Module
+    patterns : toolkit.patterns.Patterns or None
+        None is allowed when ``methods`` holds no pattern-based method.
+    images : Tensor, (N, C, H, W)
+    target : int, sequence of int, Tensor or None
+        The class to explain (None: each image's predicted class).
+    methods : sequence of str
+        Any of :data:`METHODS`, in the order the result should have.
+    batch_size : int
+        Images explained at a time (the results do not depend on it).
+
+    Returns
+    -------
+    dict[str, Tensor]
+        ``{method: explanation}``, each shaped like ``images`` (detached, on the
+        images' device).
+    """
+    explainers = make_explainers(model, patterns, methods)
+    if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError("images must be a non-empty batch tensor (N, C, H, W)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
+    if target is not None and not (isinstance(target, int) and not isinstance(target, bool)):
+        target = torch.as_tensor(target)
+        if target.dim() == 0:
+            target = int(target)
+        elif target.shape[0] != images.shape[0]:
+            raise ValueError(f"got {target.shape[0]} targets for {images.shape[0]} images")
+    results: dict[str, list[Tensor]] = {name: [] for name in explainers}
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size]
+        t = target if target is None or isinstance(target, int) else target[start:start + batch_size]
+        for name, explainer in explainers.items():
+            results[name].append(explainer.attribute(chunk, t))
+    return {name: torch.cat(parts) for name, parts in results.items()}
+
+
+def estimator_patterns(model: nn.Module, patterns, estimator: str, inputs: Tensor, seed: int = 0):
+    """Patterns that make PatternNet / PatternAttribution use another signal estimator.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model ``patterns`` belong to (its weights give the filter patterns).
+    patterns : toolkit.patterns.Patterns
+    estimator : {"filter", "random", "linear", "two_component"}
+        ``"filter"``: ``a = w / (w^T w)`` per neuron (S_w); ``"random"``: a random
+        direction with ``w^T a = 1`` (:func:`toolkit.quality.random_pattern`);
+        ``"linear"``: the fitted ``a`` also as ``a_+`` and ``a_-``;
+        ``"two_component"``: ``patterns`` unchanged.
+    inputs : Tensor
+        A batch the model runs on (only its first sample is used, to find the layers
+        and fold any BatchNorm into the weights).
+    seed : int
+        Seed of the random directions.
+
+    Returns
+    -------
+    toolkit.patterns.Patterns
+        With the same fingerprint, so the explainers accept it for ``model``. Use it
+        with ``kind="two_component"`` (the default) or ``"linear"``: both read the
+        estimator's pattern.
+    """
+    from toolkit.layers import trace
+    from toolkit.patterns import LayerPatterns, Patterns
+    from toolkit.quality import filter_pattern, random_pattern
+
+    if estimator == "two_component":
+        return patterns
+    if estimator not in ("filter", "random", "linear"):
+        raise ValueError(f"estimator must be 'filter', 'random', 'linear' or 'two_component', "
+                         f"not {estimator!r}")
+    plan = trace(model, inputs)
+    patterns.check(model, plan)
+    weights = {layer.name: layer.weight() for layer in plan}
+    layers = {}
+    for name, p in patterns.layers.items():
+        if estimator == "linear":
+            a = p.linear
+        elif estimator == "filter":
+            a = filter_pattern(weights[name]).cpu()
+        else:
+            a = random_pattern(weights[name], seed)
+        layers[name] = LayerPatterns(a, a, a)
+    return Patterns(layers, patterns.fingerprint, mean_y=patterns.mean_y)
+
+
+#: The paper's four estimators for the qualitative grids, with figure labels.
+ESTIMATOR_NAMES = {
+    "identity": r"$S_x$",
+    "filter": r"$S_w$",
+    "linear": r"$S_a$",
+    "two_component": r"$S_{a\pm}$",
+}
+
+
+def explain_estimators(model: nn.Module, patterns, images: Tensor, target: Target = None,
+                       estimators: Sequence[str] = tuple(ESTIMATOR_NAMES)) -> dict[str, Tensor]:
+    """Signal and attribution of each estimator, as in the paper's qualitative figure.
+
+    For the estimator ``S`` the *signal* is PatternNet and the *attribution*
+    PatternAttribution with the patterns of ``S`` (:func:`estimator_patterns`). The
+    identity ``S_x(x) = x`` has no pattern: its signal is the input itself and its
+    attribution ``w * x`` through the network is gradient times input (LRP-z).
+
+    Returns
+    -------
+    dict[str, Tensor]
+        Keys ``"<estimator> signal"`` and ``"<estimator> attribution"`` in the order of
+        ``estimators``; draw them with :func:`estimator_kinds` and :func:`estimator_titles`.
+    """
+    out: dict[str, Tensor] = {}
+    for estimator in estimators:
+        if estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"unknown estimator {estimator!r}; choose from {tuple(ESTIMATOR_NAMES)}")
+        if estimator == "identity":
+            out["identity signal"] = images.detach().clone()
+            out["identity attribution"] = LRPZ(model).attribute(images, target)
+            continue
+        p = estimator_patterns(model, patterns, estimator, images)
+        kind = "linear" if estimator == "linear" else "two_component"
+        out[f"{estimator} signal"] = PatternNet(model, p, kind=kind).attribute(images, target)
+        out[f"{estimator} attribution"] = PatternAttribution(model, p, kind=kind).attribute(images, target)
+    return out
+
+
+def estimator_kinds(explanations: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{key: "signal" | "attribution"}`` for the result of :func:`explain_estimators`."""
+    return {key: key.rsplit(" ", 1)[1] for key in explanations}
+
+
+def estimator_titles(explanations: Mapping[str, Tensor]) -> dict[str, str]:
+    """Figure titles such as ``"signal $S_w$"`` for the result of :func:`explain_estimators`."""
+    titles = {}
+    for key in explanations:
+        estimator, kind = key.rsplit(" ", 1)
+        titles[key] = f"{kind} {ESTIMATOR_NAMES[estimator]}"
+    return titles
+
+
+# ----------------------------------------------------------------------------------
+# region perturbation of every method
+# ----------------------------------------------------------------------------------
+class Absolute:
+    """An explainer whose relevance is the absolute value of another's: ``|r|``.
+
+    A signal (the gradient, say) is signed by direction, not by relevance; ranking
+    regions by ``|r|`` asks where the method sees *something*, whatever its sign.
+    """
+
+    def __init__(self, explainer):
+        self.explainer = explainer
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self.explainer.attribute(inputs, target).abs()
+
+    def __repr__(self) -> str:
+        return f"Absolute({self.explainer!r})"
+
+
+def perturb_all(model: nn.Module, explainers: Mapping[str, object], images: Tensor, *,
+                patch: int, steps: int | None = None, random_repeats: int = 3,
+                random_name: str | None = "random", seed: int = 0, batch_size: int = 256,
+                **kwargs) -> dict:
+    """Region perturbation (:func:`toolkit.perturbation.region_perturbation`) of every
+    explainer, most relevant regions first, plus the random order.
+
+    Parameters
+    ----------
+    model : nn.Module
+    explainers : dict name -> explainer
+        E.g. :func:`make_explainers`.
+    images : Tensor (N, C, H, W)
+    patch, steps : int
+        Region side and number of regions perturbed.
+    random_repeats : int
+        Random orderings per image for the baseline.
+    random_name : str or None
+        Key of the random baseline in the result (None: leave it out).
+    seed, batch_size, **kwargs
+        Passed on (``replace=...``, for instance).
+
+    Returns
+    -------
+    dict name -> toolkit.perturbation.PerturbationResult
+    """
+    from toolkit.perturbation import region_perturbation
+
+    common = dict(patch=patch, steps=steps, seed=seed, batch_size=batch_size, progress=False, **kwargs)
+    results = {name: region_perturbation(model, explainer, images, order="most_relevant", **common)
+               for name, explainer in explainers.items()}
+    if random_name is not None:
+        results[random_name] = region_perturbation(model, None, images, order="random",
+                                                   random_repeats=random_repeats, **common)
+    return results
+
+
+def perturbation_table(results: Mapping[str, object], at: Sequence[int] = (5, 10),
+                       titles: Mapping[str, str] | None = None, decimals: int = 2) -> str:
+    """AOPC per method, best first, with the mean probability of the initial class after
+    the regions in ``at`` were perturbed."""
+    titles = dict(TITLES) | {"random": "random order"} | dict(titles or {})
+    names = sorted(results, key=lambda n: -results[n].aopc)
+    width = max([len("method")] + [len(titles.get(n, n)) for n in names]) + 2
+    head = f"{'method':<{width}}{'AOPC':>7}" + "".join(f"{f'p @ {k}':>9}" for k in at)
+    lines = [head, "-" * len(head)]
+    for name in names:
+        r = results[name]
+        cells = "".join(f"{np.round(float(r.curve[k]), decimals) + 0.0:>9.{decimals}f}" for k in at)
+        lines.append(f"{titles.get(name, name):<{width}}{np.round(r.aopc, decimals) + 0.0:>7.{decimals}f}{cells}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# scores against a known truth
+# ----------------------------------------------------------------------------------
+#: The scores of :func:`ground_truth_scores`, and whether they apply to attributions.
+SCORES = {
+    "signal corr": False,
+    "distractor corr": False,
+    "mass in signal": True,
+    "mass on distractor": True,
+    "precision@k": True,
+}
+
+
+@dataclass
+class ScoreTable:
+    """Scores of several methods, averaged over images.
+
+    Attributes
+    ----------
+    columns : tuple[str, ...]
+        The score names (:data:`SCORES`).
+    per_image : dict[str, dict[str, numpy.ndarray]]
+        ``per_image[method][score]``: one value per image (absent for scores that do
+        not apply to the method).
+    titles : dict[str, str]
+        Row titles used by :meth:`table`.
+    """
+
+    columns: tuple[str, ...]
+    per_image: dict[str, dict[str, np.ndarray]]
+    titles: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.per_image)
+
+    @property
+    def mean(self) -> dict[str, dict[str, float]]:
+        """``{method: {score: mean over images}}``; NaN where a score does not apply."""
+        return {m: {c: float(np.mean(v[c])) if c in v else math.nan for c in self.columns}
+                for m, v in self.per_image.items()}
+
+    def column(self, score: str) -> dict[str, float]:
+        """``{method: mean}`` of one score, for the methods it applies to."""
+        if score not in self.columns:
+            raise KeyError(f"no score {score!r}; the table has {self.columns}")
+        return {m: float(np.mean(v[score])) for m, v in self.per_image.items() if score in v}
+
+    def ranking(self, score: str) -> list[str]:
+        """The methods the score applies to, best (highest mean) first."""
+        values = self.column(score)
+        return sorted(values, key=lambda m: -values[m])
+
+    def table(self, decimals: int = 2) -> str:
+        """The means as a text table, one row per method ("-" where a score does not apply)."""
+        names = [self.titles.get(m, m) for m in self.per_image]
+        width = max([len("method")] + [len(n) for n in names]) + 2
+        col = max([len(c) for c in self.columns] + [decimals + 3]) + 2
+        head = f"{'method':<{width}}" + "".join(f"{c:>{col}}" for c in self.columns)
+        lines = [head, "-" * len(head)]
+        for name, (method, values) in zip(names, self.mean.items()):
+            cells = "".join(
+                f"{'-':>{col}}" if math.isnan(v) else f"{np.round(v, decimals) + 0.0:>{col}.{decimals}f}"
+                for v in values.values())
+            lines.append(f"{name:<{width}}{cells}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def ground_truth_scores(explanations: Mapping[str, Tensor], truth,
+                        kinds: Mapping[str, str] | None = None, k: int | None = None,
+                        titles: Mapping[str, str] | None = None) -> ScoreTable:
+    """Score explanations of ground-truth images against their known signal.
+
+    Parameters
+    ----------
+    explanations : dict name -> Tensor (N, C, H, W)
+        E.g. the result of :func:`explain_all` on ``truth.images``.
+    truth : toolkit.data.GroundTruthImages
+        The explained images, in the same order (``len(truth) == N``).
+    kinds : dict name -> {"signal", "attribution"}, optional
+        Which methods produce signals; correlations are computed for those only.
+        Defaults to :data:`KINDS` (names not in it count as signals).
+    k : int, optional
+        For precision@k; defaults to the signal's area (pixels in ``truth.signal_mask``).
+    titles : dict name -> str, optional
+        Row titles of the table; defaults to :data:`TITLES`.
+
+    Returns
+    -------
+    ScoreTable
+        Columns :data:`SCORES`.
+    """
+    from toolkit.data import mass_inside, precision_at_k, signal_correlation
+
+    kinds = dict(KINDS if kinds is None else kinds)
+    signal_mask = truth.signal_mask.bool()
+    distractor_only = truth.distractor_mask.bool() & ~signal_mask
+    k = int(signal_mask.sum()) if k is None else int(k)
+    per_image = {}
+    for name, r in explanations.items():
+        if r.shape != truth.images.shape:
+            raise ValueError(f"{name}: explanations of shape {tuple(r.shape)} do not match the "
+                             f"{tuple(truth.images.shape)} ground-truth images")
+        scores = {}
+        if kinds.get(name, "signal") == "signal":
+            scores["signal corr"] = signal_correlation(r, truth.signal)
+            scores["distractor corr"] = signal_correlation(r, truth.distractor)
+        scores["mass in signal"] = mass_inside(r, signal_mask)
+        scores["mass on distractor"] = mass_inside(r, distractor_only)
+        scores["precision@k"] = precision_at_k(r, signal_mask, k)
+        per_image[name] = scores
+    titles = dict(TITLES) | dict(titles or {})
+    return ScoreTable(tuple(SCORES), per_image, titles)
+
+
+# ----------------------------------------------------------------------------------
+# layer quality: several measurements as one, and a short table
+# ----------------------------------------------------------------------------------
+def merge_quality(*results):
+    """Join :class:`toolkit.quality.QualityResult` objects measured on different layers.
+
+    Convolutions see thousands of samples per image and need few images; a dense layer
+    sees one sample per image and needs many (its ``D`` inputs must be well below the
+    number of samples). Measure them separately, with ``layers=``, and join the results
+    for one table and one figure. Layers are kept in the order given.
+
+    Raises
+    ------
+    ValueError
+        If the results measure different estimators or share a layer.
+    """
+    from dataclasses import fields
+
+    if not results:
+        raise ValueError("give at least one QualityResult")
+    estimators = tuple(results[0].estimators)
+    layers: list[str] = []
+    for r in results:
+        if tuple(r.estimators) != estimators:
+            raise ValueError(f"results measure different estimators: {estimators} and {r.estimators}")
+        twice = [layer for layer in r.layers if layer in layers]
+        if twice:
+            raise ValueError(f"layers {twice} are measured in more than one result")
+        layers += list(r.layers)
+    values = {}
+    for f in fields(results[0]):
+        first = getattr(results[0], f.name)
+        if f.name == "layers":
+            values[f.name] = layers
+        elif isinstance(first, dict):  # per-layer entries
+            values[f.name] = {k: v for r in results for k, v in getattr(r, f.name).items()}
+        else:  # estimators and the settings
+            values[f.name] = first
+    return type(results[0])(**values)
+
+
+def ideal_rho(result) -> dict[str, float]:
+    """Per layer, roughly what an ideal estimator scores on a finite sample: ``1 - sqrt(D / (n - 1))``.
+
+    Even a distractor that holds no information about ``y`` correlates with it by chance,
+    and the best of ``D`` read-outs does so by about ``sqrt(D / n)`` on ``n`` samples
+    (``D`` = the inputs of a neuron; ``E[R^2] = D / (n - 1)`` for independent Gaussian
+    data). A layer whose values come near this level needs more samples, not a better
+    estimator. It is a rough guide, not a bound: a measured value can exceed it a little.
+    """
+    ideal = {}
+    for layer in result.layers:
+        rank = getattr(result, "rank", None) or {}
+        d = rank.get(layer, result.dims[layer])
+        n = result.samples[layer]
+        ideal[layer] = 1 - math.sqrt(d / (n - 1)) if n > d + 1 else 0.0
+    return ideal
+
+
+def quality_table(result, decimals: int = 2) -> str:
+    """Mean ``rho`` per layer and estimator, rounded, with samples, ``D`` and the level
+    of :func:`ideal_rho` -- a short, stable version of ``result.table()``."""
+    ideal = ideal_rho(result)
+    width = max([len("layer")] + [len(name) for name in result.layers]) + 2
+    col = max(9, max(len(e) for e in result.estimators) + 2)
+    head = (f"{'layer':<{width}}" + "".join(f"{e:>{col}}" for e in result.estimators)
+            + f"{'samples':>11}{'D':>6}{'ideal':>9}")
+    lines = [head, "-" * len(head)]
+    for layer in result.layers:
+        values = "".join(f"{np.round(result.mean[layer][e], decimals) + 0.0:>{col}.{decimals}f}"
+                         for e in result.estimators)
+        lines.append(f"{layer:<{width}}{values}{result.samples[layer]:>11}{result.dims[layer]:>6}"
+                     f"{np.round(ideal[layer], decimals) + 0.0:>9.{decimals}f}")
+    return "\n".join(lines)
