@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world, sum_over_ranks
+from toolkit.streaming import progress_bar
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
 
 __all__ = [
@@ -512,18 +513,6 @@ def _load_checkpoint(path: Path, plan: Plan, model_fingerprint: str, device
     return statistics, int(meta["batches"])
 
 
-def _progress(data, max_batches, enabled: bool):
-    from tqdm.auto import tqdm
-
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    return tqdm(total=total, unit="batch", desc="fitting patterns", disable=not enabled)
-
-
 def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: int | None = None,
                  progress: bool = True, checkpoint: str | os.PathLike | None = None,
                  checkpoint_every: int = 100, mean_y: str = "global",
@@ -588,7 +577,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
     ckpt = _checkpoint_path(checkpoint, rank, world) if checkpoint is not None else None
 
     plan, statistics, skip, batches_done, expected = None, None, 0, 0, None
-    bar = _progress(data, max_batches, progress and rank == 0)
+    bar = progress_bar(data, max_batches, progress and rank == 0, "fitting patterns")
     started, images = time.perf_counter(), 0
     try:
         with evaluation_mode(model), torch.no_grad():

@@ -141,6 +141,7 @@ from torch.nn import functional as F
 
 from toolkit.distributed import (broadcast_from_rank_0, check_all_ranks_have_data, is_sharded,
                                  own_batches, rank_and_world, sum_over_ranks)
+from toolkit.streaming import progress_bar
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
 from toolkit.linear import UndefinedQualityError
 
@@ -725,18 +726,6 @@ class QualityResult:
 # ----------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------
-def _progress(data, max_batches, enabled: bool):
-    from tqdm.auto import tqdm
-
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    return tqdm(total=total, unit="batch", desc="layer quality", disable=not enabled)
-
-
 def _select(plan: Plan, layers: Sequence[str] | None) -> Plan:
     if layers is None:
         return plan
@@ -779,7 +768,7 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
         model = copy.deepcopy(model).to(device)
     plan, moments, shape = None, None, None
     rank, world = rank_and_world()
-    bar = _progress(data, max_batches, progress and rank == 0)
+    bar = progress_bar(data, max_batches, progress and rank == 0, "layer quality")
     with evaluation_mode(model), torch.no_grad():
         for index, x in own_batches(_input_batches(data, batch_size), rank, world, is_sharded(data)):
             if max_batches is not None and index >= max_batches:
