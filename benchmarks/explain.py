@@ -22,9 +22,11 @@ import torch
 import torchvision
 
 from toolkit.layers import trace
-from toolkit.methods import (LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
-                             PatternNet)
+from toolkit.compare import TITLES, make_explainers
 from toolkit.patterns import LayerPatterns, Patterns, fingerprint
+
+#: The explanation methods timed (names of toolkit.compare.METHODS).
+BENCHMARKED = ("gradient", "deconvnet", "guided_backprop", "patternnet", "patternattribution", "lrp_z")
 
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg16_bn", "alexnet")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -79,14 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     model = model.to(device, dtype).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
     patterns = weight_patterns(model, x)
-    methods = {
-        "Gradient": Gradient(model),
-        "DeconvNet": DeconvNet(model),
-        "GuidedBackprop": GuidedBackprop(model),
-        "PatternNet": PatternNet(model, patterns),
-        "PatternAttribution": PatternAttribution(model, patterns),
-        "LRP-z": LRPZ(model),
-    }
+    methods = {TITLES[name]: explainer
+               for name, explainer in make_explainers(model, patterns, BENCHMARKED).items()}
 
     def forward():
         with torch.no_grad():

@@ -50,6 +50,10 @@ TARGET_QUALITY_IMAGES, TARGET_QUALITY_SECONDS = 5000, 300.0
 CPU_QUALITY_MAX_DIM = 4608
 
 
+#: The explanation methods timed (names of toolkit.compare.METHODS).
+BENCHMARKED = ("gradient", "deconvnet", "guided_backprop", "patternnet", "patternattribution", "lrp_z")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,8 +130,7 @@ def main(argv=None) -> dict:
     import torchvision
 
     from toolkit.layers import evaluation_mode, intercept, trace
-    from toolkit.methods import (LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
-                                 PatternNet)
+    from toolkit.compare import TITLES, make_explainers
     from toolkit.patterns import Patterns, Statistics, fingerprint
     from toolkit.quality import collect_moments, estimator_patterns, rho_from_moments, ESTIMATORS
 
@@ -177,14 +180,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     patterns = Patterns.from_statistics(plan, stats, fingerprint(model))
     estimate_s = time.perf_counter() - started
-    methods = {
-        "Gradient": Gradient(model),
-        "DeconvNet": DeconvNet(model),
-        "GuidedBackprop": GuidedBackprop(model),
-        "PatternNet": PatternNet(model, patterns),
-        "PatternAttribution": PatternAttribution(model, patterns),
-        "LRP-z": LRPZ(model),
-    }
+    methods = {TITLES[name]: explainer
+               for name, explainer in make_explainers(model, patterns, BENCHMARKED).items()}
     functions = {"forward": forward, "fitting": fitting}
     functions.update({name: (lambda m=m: m.attribute(x)) for name, m in methods.items()})
     seconds = time_rounds(functions, args.batches, device)
