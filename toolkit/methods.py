@@ -168,6 +168,12 @@ class Explainer:
         return f"{type(self).__name__}({type(self.model).__name__}, start={self.start!r})"
 
     # -- the rules (overridden by the methods) --------------------------------------
+    @property
+    def _pattern_kind(self) -> str:
+        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
+        active neurons pass the signal, so ``a_-`` is never needed)."""
+        return "linear" if self.kind == "linear" else "positive"
+
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """Per layer name, the weight ``V`` of the backward step ``r -> V^T r``."""
         return {layer.name: layer.weight() for layer in plan}
@@ -426,12 +432,18 @@ class _PatternExplainer(Explainer):
                 raise PatternMismatchError(
                     f"no patterns for layer '{layer.name}'; the patterns hold {self.patterns.names}"
                 )
-            shape = self.patterns[layer.name].linear.shape
+            shape = getattr(self.patterns[layer.name], self._pattern_kind).shape
             if shape != layer.weight_shape:
                 raise PatternMismatchError(
                     f"the patterns of layer '{layer.name}' are shaped {tuple(shape)}, its weight "
                     f"{tuple(layer.weight_shape)}"
                 )
+
+    @property
+    def _pattern_kind(self) -> str:
+        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
+        active neurons pass the signal, so ``a_-`` is never needed)."""
+        return "linear" if self.kind == "linear" else "positive"
 
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """The rule weight of every layer, made from its pattern (cast to the dtype and
@@ -439,10 +451,9 @@ class _PatternExplainer(Explainer):
         and device, since patterns are bound to the model's weights anyway."""
         key = (like.dtype, like.device, tuple(plan.names))
         if self._weights_cache is None or self._weights_cache[0] != key:
-            field = "linear" if self.kind == "linear" else "positive"
             weights = {}
             for layer in plan:
-                pattern = getattr(self.patterns[layer.name], field)
+                pattern = getattr(self.patterns[layer.name], self._pattern_kind)
                 weights[layer.name] = self.combine(layer, pattern.to(device=like.device, dtype=like.dtype))
             self._weights_cache = (key, weights)
         return self._weights_cache[1]
