@@ -14,13 +14,14 @@ Models are torchvision architectures with random weights (nothing is downloaded)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 import torchvision
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import DTYPES, median_seconds  # noqa: E402
 from toolkit.layers import trace
 from toolkit.compare import TITLES, make_explainers
 from toolkit.patterns import LayerPatterns, Patterns, fingerprint
@@ -29,7 +30,6 @@ from toolkit.patterns import LayerPatterns, Patterns, fingerprint
 BENCHMARKED = ("gradient", "deconvnet", "guided_backprop", "patternnet", "patternattribution", "lrp_z")
 
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg16_bn", "alexnet")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def weight_patterns(model: torch.nn.Module, example: torch.Tensor) -> Patterns:
@@ -39,29 +39,6 @@ def weight_patterns(model: torch.nn.Module, example: torch.Tensor) -> Patterns:
         w = layer.weight().to("cpu", torch.float64)
         layers[layer.name] = LayerPatterns(w, w, w)
     return Patterns(layers, fingerprint(model))
-
-
-def seconds_per_call(functions: dict[str, Callable[[], object]], repeats: int,
-                     device: torch.device) -> dict[str, float]:
-    """Median wall time of each function over ``repeats`` rounds, after one warm-up call.
-
-    The functions take turns within each round, so a busy machine slows them alike and
-    the ratios stay fair.
-    """
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for round_ in range(repeats + 1):
-        for name, fn in functions.items():
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            if round_ > 0:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     functions = {"forward (no_grad)": forward, "autograd gradient": autograd_gradient}
     functions.update({label: (lambda m=method: m.attribute(x)) for label, method in methods.items()})
-    times = seconds_per_call(functions, args.repeats, device)
+    times = median_seconds(functions, args.repeats, device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"

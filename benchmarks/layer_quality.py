@@ -25,12 +25,13 @@ import platform
 import time
 import warnings
 
+import sys
+from pathlib import Path
+
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import synchronize  # noqa: E402
 
 
 def random_images(n: int, size: int, seed: int) -> torch.Tensor:

@@ -50,6 +50,14 @@ def interleaved(steps: dict[str, Callable[[], object]], repeats: int, device: to
     return times
 
 
+def median_seconds(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device
+                   ) -> dict[str, float]:
+    """Median seconds per call of every step over ``repeats`` interleaved rounds, after
+    one untimed warm-up round."""
+    interleaved(steps, 1, device)
+    return {name: median(t) for name, t in interleaved(steps, repeats, device).items()}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

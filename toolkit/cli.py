@@ -290,7 +290,9 @@ def _fit(args: argparse.Namespace) -> int:
         patterns = fit_patterns(
             model, data, device=device, progress=not args.quiet, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, mean_y=args.mean_y,
-            compute_dtype=_dtype(args.compute_dtype),
+            compute_dtype=None if args.compute_dtype == "model" else
+            args.compute_dtype if args.compute_dtype == "tf32" else _dtype(args.compute_dtype),
+            kinds=tuple(args.kinds),
         )
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -516,8 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "or over the component's samples")
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                        help="dtype of the model's forward pass (default: float32; float64 is exact and slower)")
-    group.add_argument("--compute-dtype", choices=("float32", "float64"), default="float64",
-                       help="dtype of the per-batch products (default: float64; the sums are always float64)")
+    group.add_argument("--compute-dtype", choices=("model", "float32", "float64", "tf32"), default="model",
+                       help="dtype of the per-batch products (default: the model's, see --dtype; the sums "
+                            "are always float64 and exact by construction; tf32 only on CUDA)")
+    group.add_argument("--kinds", nargs="+", choices=("linear", "positive", "negative"),
+                       default=["linear", "positive", "negative"],
+                       help="which patterns to fit (default: all three; 'positive' is all PatternNet and "
+                            "PatternAttribution with the two-component estimator need, and is faster)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(run=_fit)
 
