@@ -186,27 +186,29 @@ class Statistics:
         z = z.to(dtype)
         with _tf32(self.dtype == "tf32"):
             if self.is_conv:
-                self._add_conv(layer, x_shifted, z, offset, dtype)
+                sum_y = self._add_conv(layer, x_shifted, z, offset, dtype)
             else:
-                self._add_rows(x_shifted, z, offset, dtype)
-        samples = z.numel() // z.shape[1 if self.is_conv else -1]
-        t["n"] += samples
-        dims = (0, 2, 3) if self.is_conv else tuple(range(z.dim() - 1))
-        t["sum_y"] += z.sum(dims, dtype=torch.float64) - samples * offset.double()
+                sum_y = self._add_rows(x_shifted, z, offset, dtype)
+        t["n"] += z.numel() // z.shape[1 if self.is_conv else -1]
+        t["sum_y"] += sum_y
 
     def flush(self) -> None:
-        """Add the gathered rows of a Linear layer to the sums."""
+        """Add the gathered rows of a Linear layer to the sums: one matrix product per
+        group, in the products' dtype (the first one becomes the float64 sum itself)."""
         if not self._rows:
             return
         xs = torch.cat([r[0] for r in self._rows])
         gs = torch.cat([r[1] for r in self._rows])
         self._rows = []
         with _tf32(self.dtype == "tf32"):
-            start = 0
-            for group in self.groups:
-                rows = 1 if group == "ones" else self.weight_shape[0]
-                self.tensors_[f"x.{group}"].add_(gs[:, start:start + rows].T @ xs)
-                start += rows
+            for group, part in self._group_slices().items():
+                product = gs[:, part].T @ xs
+                key = f"x.{group}"
+                if key in self.tensors_:
+                    self.tensors_[key].add_(product)
+                else:
+                    self.tensors_[key] = product.to(torch.float64)
+                del product
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
@@ -240,14 +242,17 @@ class Statistics:
              "shift_y": offset - bias, "sum_y": torch.zeros(j, **kw)}
         for group in self.groups:
             rows = 1 if group == "ones" else j
-            t[f"x.{group}"] = torch.zeros((rows, *shape[1:]), **kw)
+            if self.is_conv:  # a Linear layer's sums are made by its first flush
+                t[f"x.{group}"] = torch.zeros((rows, *shape[1:]), **kw)
             t[f"cover.{group}"] = torch.zeros((rows, *cover_shape), **kw)
             t[f"total.{group}"] = torch.zeros(rows, **kw)
         self.tensors_ = t
 
-    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int) -> None:
+    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int) -> Tensor | None:
         """Write the groups' values into ``g`` (``channel`` is the dimension of the
-        neurons) with few passes: the mask, then ``y - shift_y`` and its two sides."""
+        neurons) with few passes: the mask, then ``y - shift_y`` and its two sides.
+        Returns the sums of ``y - shift_y`` over the samples where no group holds them
+        (a fit of one side only), else None."""
         j = self.weight_shape[0]
         parts, start = {}, 0
         for group in self.groups:
@@ -257,41 +262,66 @@ class Statistics:
         shape = [1] * z.dim()
         shape[channel] = j
         offset = offset.reshape(shape)
+        samples = tuple(d for d in range(z.dim()) if d != channel)
         parts["ones"].fill_(1)
         if "y_all" in parts:
             torch.sub(z, offset, out=parts["y_all"])
-            return
+            return None
         torch.gt(z, 0, out=parts["active"])
         y_pos, y_neg = parts.get("y_pos"), parts.get("y_neg")
         if y_pos is not None and y_neg is not None:
             torch.sub(z, offset, out=y_neg)
             torch.mul(y_neg, parts["active"], out=y_pos)
             y_neg.sub_(y_pos)
-        elif y_pos is not None:
-            torch.sub(z, offset, out=y_pos).mul_(parts["active"])
-        elif y_neg is not None:
-            torch.sub(z, offset, out=y_neg)
-            y_neg.sub_(y_neg * parts["active"])
+            return None
+        side = y_pos if y_pos is not None else y_neg
+        torch.sub(z, offset, out=side)
+        total = side.sum(samples).double()
+        if y_pos is not None:
+            side.mul_(parts["active"])
+        else:
+            side.sub_(side * parts["active"])
+        return total
 
-    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype) -> None:
+    def _sum_y(self, totals: Tensor, direct: Tensor | None) -> Tensor:
+        """The batch's sum of ``y - shift_y`` per neuron, from the groups' totals."""
+        if direct is not None:
+            return direct
+        part = self._group_slices()
+        if "y_all" in part:
+            return totals[part["y_all"]]
+        return totals[part["y_pos"]] + totals[part["y_neg"]]
+
+    def _group_slices(self) -> dict[str, slice]:
+        slices, start = {}, 0
+        for group in self.groups:
+            rows = 1 if group == "ones" else self.weight_shape[0]
+            slices[group] = slice(start, start + rows)
+            start += rows
+        return slices
+
+    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype) -> Tensor:
         rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
         g = torch.empty((z.shape[0], rows, *z.shape[2:]), dtype=dtype, device=z.device)
-        self._fill(g, z, offset, channel=1)
+        direct = self._fill(g, z, offset, channel=1)
         sums = layer.patch_sums(x, g)
-        per_position = g.sum(0, dtype=torch.float64)                   # (rows, H', W')
+        per_position = g.sum(0).double()                               # (rows, H', W')
         cover = layer.cover_sums(x.shape[2:], per_position[None])     # (rows, 1, kh, kw)
-        self._add_groups(sums, cover, per_position.sum((1, 2)))
+        totals = per_position.sum((1, 2))
+        self._add_groups(sums, cover, totals)
+        return self._sum_y(totals, direct)
 
-    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype) -> None:
+    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype) -> Tensor:
         x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
         rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
         g = torch.empty((z.shape[0], rows), dtype=dtype, device=z.device)
-        self._fill(g, z, offset, channel=1)
-        totals = g.sum(0, dtype=torch.float64)
+        direct = self._fill(g, z, offset, channel=1)
+        totals = g.sum(0).double()
         self._add_groups(None, totals[:, None], totals)
         self._rows.append((x, g))
         if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
             self.flush()
+        return self._sum_y(totals, direct)
 
     def _add_groups(self, sums: Tensor | None, cover: Tensor, totals: Tensor) -> None:
         t, start = self.tensors_, 0
@@ -513,8 +543,9 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
     j = w.shape[0]
     col = (j, *([1] * (side.xy[0][1].dim() - 1)))
     m = m.reshape(col)
-    c = side.xy[0][1].clone()
-    for sign, t in side.xy[1:]:
+    first, rest = side.xy[0][1], side.xy[1:]
+    c = torch.add(first, rest[0][1], alpha=rest[0][0]) if rest else first.clone()
+    for sign, t in rest[1:]:
         c.add_(t, alpha=sign)
     c.addcmul_(side.cover_y, mu)
     for sign, t in side.x:
