@@ -305,9 +305,9 @@ class Statistics:
         g = torch.empty((z.shape[0], rows, *z.shape[2:]), dtype=dtype, device=z.device)
         direct = self._fill(g, z, offset, channel=1)
         sums = layer.patch_sums(x, g)
-        per_position = g.sum(0).double()                               # (rows, H', W')
-        cover = layer.cover_sums(x.shape[2:], per_position[None])     # (rows, 1, kh, kw)
-        totals = per_position.sum((1, 2))
+        per_position = g.sum(0, keepdim=True)                          # (1, rows, H', W')
+        cover = layer.cover_sums(x.shape[2:], per_position).double()  # (rows, 1, kh, kw)
+        totals = per_position[0].sum((1, 2)).double()  # counts exact in float32 below 2**24
         self._add_groups(sums, cover, totals)
         return self._sum_y(totals, direct)
 
