@@ -37,3 +37,49 @@ def test_course_notebooks_are_found_in_order():
 def test_missing_notebook_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no notebooks found"):
         course_notebooks(tmp_path)
+
+
+def _png_output(payload: bytes):
+    import base64
+
+    return nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(payload).decode()})
+
+
+def test_figures_are_named_after_the_comment_line(tmp_path):
+    from toolkit.reproduce import save_figures
+
+    named = nbformat.v4.new_code_cell("# Figure: fig2_distractor_directions\nplot()")
+    named.outputs = [_png_output(b"first"), nbformat.v4.new_output("stream", text="x"), _png_output(b"second"),
+                     _png_output(b"third")]
+    plain = nbformat.v4.new_code_cell("plot()  # Figure: not_a_name, not on the first line")
+    plain.outputs = [_png_output(b"plain")]
+    markdown = nbformat.v4.new_markdown_cell("# Figure: ignored")
+    nb = nbformat.v4.new_notebook(cells=[markdown, named, plain])
+    figures = save_figures(nb, tmp_path, "01_toy")
+    assert [f.name for f in figures] == ["fig2_distractor_directions.png", "fig2_distractor_directions_2.png",
+                                         "fig2_distractor_directions_3.png", "01_toy_cell02_0.png"]
+    assert [f.read_bytes() for f in figures] == [b"first", b"second", b"third", b"plain"]
+
+
+def test_figure_name_rules():
+    from toolkit.reproduce import figure_name
+
+    code = nbformat.v4.new_code_cell
+    assert figure_name(code("\n#  Figure:  fig5_perturbation_fashion \nx = 1")) == "fig5_perturbation_fashion"
+    assert figure_name(code("#Figure: fig1_toy")) == "fig1_toy"
+    assert figure_name(code("# Figure: ../escape")) is None      # a name, never a path
+    assert figure_name(code("# a comment\n# Figure: late")) is None
+    assert figure_name(code("")) is None
+
+
+def test_course_notebooks_are_found_by_number_or_name(tmp_path):
+    from toolkit.reproduce import find_notebook
+
+    first = course_notebooks()[0]
+    assert find_notebook("01") == first
+    assert find_notebook(first.stem) == first and find_notebook(first.name) == first
+    assert find_notebook(str(first)) == first
+    with pytest.raises(FileNotFoundError, match="neither a file nor one course notebook"):
+        find_notebook("99")
+    with pytest.raises(FileNotFoundError, match="neither a file nor one course notebook"):
+        find_notebook("0")                                  # not the whole number of any notebook
