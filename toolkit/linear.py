@@ -6,15 +6,15 @@ distractor, so it shows how the model removes the distractor, not where the sign
 This module makes such data (:func:`make_data`), fits the filter (:func:`fit_filter`),
 implements the signal estimators
 
-====================  ==========  ==================================================
-class                 name        estimated signal
-====================  ==========  ==================================================
-IdentityEstimator     S_x         ``x``
-FilterEstimator       S_w         ``w (w^T x) / (w^T w)``
-LinearEstimator       S_a         ``a (w^T x)``, ``a = cov[x, y] / (w^T cov[x, y])``
-TwoComponentEstimator S_a+-       ``a_+ (w^T x)`` if ``w^T x > 0`` else ``a_- (w^T x)``
-RandomEstimator       S_rand      ``a (w^T x)``, ``a`` a random direction, ``w^T a = 1``
-====================  ==========  ==================================================
+=====================  ======  ==================================================
+class                  name    estimated signal
+=====================  ======  ==================================================
+IdentityEstimator      S_x     ``x``
+FilterEstimator        S_w     ``w (w^T x) / (w^T w)``
+LinearEstimator        S_a     ``a (w^T x)``, ``a = cov[x, y] / (w^T cov[x, y])``
+TwoComponentEstimator  S_a+-   ``a_+ (w^T x)`` if ``w^T x > 0`` else ``a_- (w^T x)``
+RandomEstimator        S_rand  ``a (w^T x)``, ``a`` a random direction, ``w^T a = 1``
+=====================  ======  ==================================================
 
 and their quality ``rho(S)`` (:func:`quality`). Everything is vectorised over samples:
 ``x`` is always an ``(n, D)`` array with one sample per row. The model, the closed forms
