@@ -83,3 +83,21 @@ def test_course_notebooks_are_found_by_number_or_name(tmp_path):
         find_notebook("99")
     with pytest.raises(FileNotFoundError, match="neither a file nor one course notebook"):
         find_notebook("0")                                  # not the whole number of any notebook
+
+
+def test_copy_course_copies_once_and_keeps_existing_work(tmp_path):
+    from toolkit.reproduce import copy_course
+
+    course = tmp_path / "course"
+    course.mkdir()
+    for name in ("01_a.ipynb", "02_b.ipynb"):
+        (course / name).write_text(name)
+    (course / "notes.txt").write_text("not a lesson")
+    mine = tmp_path / "home" / "patternnet-course"
+    copied = copy_course(mine, course)
+    assert [p.name for p in copied] == ["01_a.ipynb", "02_b.ipynb"]
+    assert sorted(p.name for p in mine.iterdir()) == ["01_a.ipynb", "02_b.ipynb"]
+    (mine / "01_a.ipynb").write_text("my answers")
+    (mine / "02_b.ipynb").unlink()
+    assert [p.name for p in copy_course(mine, course)] == ["02_b.ipynb"]
+    assert (mine / "01_a.ipynb").read_text() == "my answers"

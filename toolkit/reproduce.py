@@ -4,6 +4,7 @@
 repository's ``notebooks/``, or the copy inside an installed package), writes the
 executed copies to ``DIR`` and every figure they draw as a PNG file to ``DIR/figures``.
 ``--notebooks`` takes paths or names of course notebooks (``01``, ``01_linear_toy``).
+:func:`copy_course` copies the notebooks to a folder of one's own to work on.
 
 Figures are named after what they show: a code cell whose source begins with the
 comment line ``# Figure: NAME`` writes its images as ``NAME.png``, ``NAME_2.png``, ...;
@@ -51,6 +52,23 @@ def find_notebook(name: Path | str, directory: Path | str = NOTEBOOK_DIR) -> Pat
         raise FileNotFoundError(f"notebook {str(name)!r} is neither a file nor one course notebook "
                                 f"(course notebooks: {known})")
     return matches[0]
+
+
+def copy_course(destination: Path | str, directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
+    """Copy the course's notebooks into ``destination`` to work on; never overwrite.
+
+    Notebooks already in ``destination`` are kept as they are (a student's work), so the
+    call can run at every login of a JupyterHub. Returns the notebooks it copied.
+    """
+    destination = Path(destination).expanduser()
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for notebook in course_notebooks(directory):
+        target = destination / notebook.name
+        if not target.exists():
+            target.write_bytes(notebook.read_bytes())
+            copied.append(target)
+    return copied
 
 
 WIDGET_NOTE = ("Interactive widget (ipywidgets): run this notebook in Jupyter to use the "
