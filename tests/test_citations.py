@@ -20,6 +20,8 @@ TOP_LEVEL = ("docs", "data", "scripts", "notebooks", "toolkit", "tests", "benchm
 REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./*-]*)" % "|".join(re.escape(t) for t in TOP_LEVEL))
 BARE_MARKDOWN = re.compile(r"(?<![\w./'\"-])([\w-]+\.md)\b")   # not a quoted string: code, not prose
 OUTSIDE = re.compile(r"\.\./shared|shared/seed|shared/docs|/work/")
+# what a build writes: the site, the course copied for it, the shipped files inside a wheel
+BUILD_OUTPUTS = ("docs/_build", "docs/course", "toolkit/_shipped")
 
 
 def scanned_files() -> list[Path]:
@@ -43,6 +45,8 @@ def broken_citations(path: Path) -> list[str]:
     problems = [f"outside path {m.group(0)!r}" for m in OUTSIDE.finditer(text)]
     for match in REPO_PATH.finditer(text):
         cited = match.group(1).rstrip(".,;:")
+        if cited.startswith(BUILD_OUTPUTS):
+            continue
         if not (any(ROOT.glob(cited)) if "*" in cited else (ROOT / cited).exists()):
             problems.append(f"missing file {cited!r}")
     for match in BARE_MARKDOWN.finditer(text):
