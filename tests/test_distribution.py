@@ -67,7 +67,11 @@ def _build(hook: str, source: Path, out: Path) -> Path:
 
 
 def test_sdist_and_wheel_carry_data_and_notebooks(tmp_path):
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
+    if (major, minor) < (70, 1) and importlib.util.find_spec("wheel") is None:
+        pytest.fail(f"setuptools {setuptools.__version__} cannot build wheels without the package "
+                    "'wheel'; install the test extra: pip install -e '.[test]'")
     sdist = _build("build_sdist", ROOT, tmp_path)
     with tarfile.open(sdist) as archive:
         top = sdist.name[: -len(".tar.gz")]
