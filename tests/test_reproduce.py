@@ -101,3 +101,30 @@ def test_copy_course_copies_once_and_keeps_existing_work(tmp_path):
     (mine / "02_b.ipynb").unlink()
     assert [p.name for p in copy_course(mine, course)] == ["02_b.ipynb"]
     assert (mine / "01_a.ipynb").read_text() == "my answers"
+
+
+def test_a_repeated_figure_name_is_reported(tmp_path):
+    from toolkit.reproduce import save_figures
+
+    cells = []
+    for payload in (b"one", b"two"):
+        cell = nbformat.v4.new_code_cell("# Figure: fig1_same\nplot()")
+        cell.outputs = [_png_output(payload)]
+        cells.append(cell)
+    with pytest.warns(UserWarning, match="cell 1 writes fig1_same.png again"):
+        figures = save_figures(nbformat.v4.new_notebook(cells=cells), tmp_path, "01_toy")
+    assert [f.name for f in figures] == ["fig1_same.png", "fig1_same.png"]
+    assert (tmp_path / "fig1_same.png").read_bytes() == b"two"
+
+
+def test_a_figure_name_repeated_across_notebooks_is_reported(tmp_path, monkeypatch):
+    import toolkit.reproduce as reproduce_module
+
+    notebooks = [tmp_path / "01_a.ipynb", tmp_path / "02_b.ipynb"]
+    for notebook in notebooks:
+        notebook.write_text("{}")
+    shared = tmp_path / "out" / "figures" / "fig4_layer_quality.png"
+    monkeypatch.setattr(reproduce_module, "execute_notebook",
+                        lambda path, out, timeout: (out / path.name, [shared]))
+    with pytest.warns(UserWarning, match="02_b.ipynb writes fig4_layer_quality.png, replacing the figure of 01_a"):
+        reproduce_module.reproduce(tmp_path / "out", notebooks)

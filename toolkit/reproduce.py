@@ -17,6 +17,7 @@ import base64
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from toolkit.data import shipped_dir
@@ -143,6 +144,9 @@ def save_figures(notebook, directory: Path, stem: str) -> list[Path]:
                 figure = directory / f"{stem}_cell{index:02d}_{k}.png"
             else:
                 figure = directory / (f"{name}.png" if k == 0 else f"{name}_{k + 1}.png")
+            if figure in figures:
+                warnings.warn(f"{stem}: cell {index} writes {figure.name} again; the figure of an "
+                              "earlier cell is replaced (give each '# Figure:' line its own name)")
             figure.write_bytes(base64.b64decode(png))
             figures.append(figure)
     return figures
@@ -158,6 +162,10 @@ def reproduce(out: Path | str, notebooks: list[Path] | None = None, timeout: int
         started = time.perf_counter()
         print(f"running {path.name} ...", flush=True)
         executed, figures = execute_notebook(path, out, timeout)
+        for figure in figures:
+            earlier = next((e for e, f in results.items() if figure in f), None)
+            if earlier is not None:
+                warnings.warn(f"{path.name} writes {figure.name}, replacing the figure of {earlier.name}")
         print(f"  {executed} ({len(figures)} figures, {time.perf_counter() - started:.0f} s)", flush=True)
         results[executed] = figures
     print(f"\nexecuted notebooks: {out.resolve()}\nfigures:            {(out / 'figures').resolve()}")
