@@ -173,7 +173,7 @@ def test_read_images_reads_the_shipped_photographs():
     assert torch.isfinite(images).all()
     sources = (folder / "SOURCES.md").read_text()
     for name in names:
-        assert name in sources, f"{name} has no entry (source, licence) in SOURCES.md"
+        assert name in sources, f"{name} has no entry (source, licence) in data/images/SOURCES.md"
         assert (folder / name).stat().st_size < 100_000
 
 

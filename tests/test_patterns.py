@@ -5,7 +5,7 @@ What must hold, each checked against an independent reference:
   (LinearEstimator, TwoComponentEstimator, both E[y] conventions) to 1e-8;
 * strided, padded, dilated convolutions (with and without bias), a folded BatchNorm and
   max pooling give the patterns of a brute-force reference (explicit patches with
-  F.unfold, a loop over neurons, the formulas of math.md) to 1e-9;
+  F.unfold, a loop over neurons, the formulas of docs/math.md, sections 2-3) to 1e-9;
 * the patterns do not depend on the batch size, on the number of processes
   (torch.distributed, gloo) or on an interruption resumed from a checkpoint;
 * torchvision VGG16, VGG16-BN and AlexNet fit end to end;
@@ -151,7 +151,7 @@ def layer_inputs_outputs(model: nn.Sequential, x: torch.Tensor) -> dict[str, tup
 
 
 def brute_force_patterns(model: nn.Sequential, x: torch.Tensor, mean_y: str) -> dict[str, dict]:
-    """The patterns of math.md sections 2-3, one neuron at a time, from explicit patches."""
+    """The patterns of docs/math.md, sections 2-3, one neuron at a time, from explicit patches."""
     result = {}
     weights = folded(model)
     for name, (inp, z) in layer_inputs_outputs(model, x).items():

@@ -36,6 +36,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "DEBIAN_FASHION_MNIST",
     "data_dir",
+    "shipped_dir",
     "read_idx",
     "read_fashion_mnist",
     "to_tensor",
@@ -72,11 +73,34 @@ SUBSET_FILE = "fashion_mnist_subset.npz"
 # ---------------------------------------------------------------------------
 
 
+def shipped_dir(name: str) -> Path:
+    """Return the folder ``name`` (``"data"`` or ``"notebooks"``) of the shipped files.
+
+    An installed package (a wheel, or a wheel built from the sdist) carries them inside
+    itself, in its folder ``_shipped/NAME``; in a checkout (and an editable install) they are
+    the repository's top-level ``NAME/`` folder.
+
+    Parameters
+    ----------
+    name : str
+        The top-level folder of the repository.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (it is not checked for existence).
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "_shipped" / name
+    return installed if installed.is_dir() else package.parent / name
+
+
 def data_dir() -> Path:
     """Return the directory holding the toolkit's shipped data files.
 
     The environment variable ``TOOLKIT_DATA`` overrides the default, which is
-    the ``data/`` folder next to the ``toolkit`` package in the repository.
+    the ``data/`` folder of the repository, or its copy inside an installed package
+    (:func:`shipped_dir`).
 
     Returns
     -------
@@ -86,7 +110,7 @@ def data_dir() -> Path:
     override = os.environ.get("TOOLKIT_DATA")
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "data"
+    return shipped_dir("data")
 
 
 # ---------------------------------------------------------------------------

@@ -1,39 +1,24 @@
 """The linear signal/distractor model of PatternNet, in NumPy.
 
-Kindermans et al. (ICLR 2018) start from a model so small that every quantity has a
-closed form. An input ``x`` in ``D >= 2`` dimensions is the sum of a *signal* and a
-*distractor*::
+An input ``x`` in ``D >= 2`` dimensions is a signal ``a_s y`` plus a distractor
+``a_d eps``; the filter ``w`` that recovers ``y = w^T x`` is orthogonal to the
+distractor, so it shows how the model removes the distractor, not where the signal is.
+This module makes such data (:func:`make_data`), fits the filter (:func:`fit_filter`),
+implements the signal estimators
 
-    x = s + d,    s = a_s * y,    d = a_d * eps,
-    y ~ U[-1, 1],    eps ~ N(nu, sigma^2).
+=====================  ======  ==================================================
+class                  name    estimated signal
+=====================  ======  ==================================================
+IdentityEstimator      S_x     ``x``
+FilterEstimator        S_w     ``w (w^T x) / (w^T w)``
+LinearEstimator        S_a     ``a (w^T x)``, ``a = cov[x, y] / (w^T cov[x, y])``
+TwoComponentEstimator  S_a+-   ``a_+ (w^T x)`` if ``w^T x > 0`` else ``a_- (w^T x)``
+RandomEstimator        S_rand  ``a (w^T x)``, ``a`` a random direction, ``w^T a = 1``
+=====================  ======  ==================================================
 
-The signal carries the quantity of interest ``y`` along the direction ``a_s``; the
-distractor moves ``x`` along ``a_d`` and carries no information about ``y``. A linear
-model that recovers ``y = w^T x`` must cancel the distractor, so the *filter* ``w`` is
-orthogonal to ``a_d`` and scaled so that ``w^T a_s = 1``. The filter therefore turns
-with the distractor while the signal stays where it is: looking at ``w`` tells you how
-the model gets rid of the noise, not where the signal is.
-
-The signal has to be estimated instead. A *signal estimator* ``S`` maps an input to
-its estimated signal ``S(x)``; what is left, ``x - S(x)``, is the estimated distractor,
-and ``w * S(x)`` (elementwise) is the *attribution* of the output to each input
-dimension. This module implements the paper's estimators
-
-====================  ==========  ==================================================
-class                 name        estimated signal
-====================  ==========  ==================================================
-IdentityEstimator     S_x         ``x``
-FilterEstimator       S_w         ``w (w^T x) / (w^T w)``
-LinearEstimator       S_a         ``a (w^T x)``, ``a = cov[x, y] / (w^T cov[x, y])``
-TwoComponentEstimator S_a+-       ``a_+ (w^T x)`` if ``w^T x > 0`` else ``a_- (w^T x)``
-RandomEstimator       S_rand      ``a (w^T x)``, ``a`` a random direction, ``w^T a = 1``
-====================  ==========  ==================================================
-
-and the quality measure ``rho(S)`` of section 4 (:func:`quality`): one minus the
-largest correlation any linear read-out of the estimated distractor has with ``y``.
-
-Everything is vectorised over samples: ``x`` is always an ``(n, D)`` array with one
-sample per row.
+and their quality ``rho(S)`` (:func:`quality`). Everything is vectorised over samples:
+``x`` is always an ``(n, D)`` array with one sample per row. The model, the closed forms
+and rho(S) are in docs/math.md, sections 1, 2 and 4.
 
 Examples
 --------

@@ -1,32 +1,13 @@
 """Explanation methods: one backward pass from an output neuron to the input.
 
-Every method of the paper's comparison is the same recipe with different rules
-(math.md, section 3). A forward pass records what the rules need (the ReLU masks, the
-max-pooling switches); then a signal ``r`` goes back from the selected output neuron,
-and each layer passes it on with its rule:
-
-=======================  ==================  ==========================================
-method                   Conv2d / Linear     ReLU
-=======================  ==================  ==========================================
-Gradient                 ``W^T r``           forward mask
-DeconvNet                ``W^T r``           ``relu(r)``, forward mask ignored
-GuidedBackprop           ``W^T r``           forward mask and ``relu(r)``
-PatternNet               ``A^T r``           forward mask
-PatternAttribution       ``(W * A)^T r``     forward mask
-LRPZ                     z-rule              forward mask
-=======================  ==================  ==========================================
-
-``W`` is a layer's weight (a BatchNorm2d that follows a convolution is folded in),
-``A`` its pattern and ``W * A`` their elementwise product. Max pooling sends the
-signal to the position that won in the forward pass, average pooling spreads it evenly,
-and ``Flatten``, views and ``Dropout`` (in eval mode) pass it through.
-
-Where the pass starts
----------------------
-Gradient, DeconvNet and Guided Backprop start from 1 at the selected output neuron (as
-Captum does); PatternNet, PatternAttribution and LRP-z start from the logit's value (as
-the authors' code does), so that for one linear neuron PatternNet returns the signal
-itself. Every method takes ``start="logit"`` or ``start="one"`` to change this.
+:class:`Gradient`, :class:`DeconvNet`, :class:`GuidedBackprop`, :class:`PatternNet`,
+:class:`PatternAttribution` and :class:`LRPZ` share Captum's signature
+``attribute(inputs, target=None)`` (``target=None``: the predicted class). They differ
+only in how a Conv2d/Linear layer and a ReLU pass the backward signal on (the weight, the
+pattern, or their product; the forward mask, a ReLU of the signal, or both) and in the
+value the pass starts from (``start="one"`` or ``"logit"``). The rules, the start
+values and PatternAttribution as deep Taylor decomposition are in docs/math.md,
+sections 6-7.
 
 Example::
 
@@ -34,19 +15,10 @@ Example::
     patterns = fit_patterns(model, loader)
     signal = PatternNet(model, patterns).attribute(images, target=None)  # predicted class
 
-How it is computed
-------------------
-Autograd does the traversal, so any forward code the model runs (``torch.flatten``,
-views, pooling) is handled without a hand-written reverse network. During the forward
-pass :func:`toolkit.layers.intercept` replaces the output ``z`` of every Conv2d/Linear
-layer by ``_LinearRule.apply(x, z, V)``: a tensor with the values of ``z`` whose
-backward pass is ``V^T`` (``V`` = the method's rule weight) and which is cut from the
-layer's own graph, so no weight gradient is ever computed. Methods that change the
-ReLU (DeconvNet, Guided Backprop) replace each ReLU's output the same way; the others
-keep autograd's ReLU backward, which *is* the forward mask. One call of
-:func:`torch.autograd.grad` from the selected logits to the input then runs the whole
-explanation, for the whole batch at once.
-
+How it is computed: during the forward pass :func:`toolkit.layers.intercept` replaces
+the output of every Conv2d/Linear layer (and, for DeconvNet and Guided Backprop, every
+ReLU) by a tensor with the same values whose backward pass is the method's rule, and one
+call of :func:`torch.autograd.grad` runs the whole explanation for the whole batch.
 The model is never changed: it runs in eval mode for the pass (each module's mode is
 restored), the hooks are removed afterwards, and no ``.grad`` is written.
 """

@@ -1,32 +1,20 @@
 """Learning the signal estimators for every neuron of a network: the *patterns*.
 
-For a Conv2d or Linear layer with (BatchNorm-folded) weight ``W`` and bias ``b``, every
-output neuron ``j`` sees samples ``x`` (for a convolution: the receptive-field patch at
-every spatial position of every image) and computes ``y_j = w_j^T x``. The neuron is
-*active* on a sample when the layer output ``z_j = y_j + b_j`` is positive. The
-estimators of :mod:`toolkit.linear` then read, per neuron (math.md, sections 2-3):
+For every Conv2d/Linear layer (a following BatchNorm folded in) and every output neuron,
+:func:`fit_patterns` learns the linear pattern ``a`` and the two-component patterns
+``a_+``, ``a_-`` of :mod:`toolkit.linear` from float64 sums streamed over a DataLoader
+in one pass (:class:`Statistics`). A neuron's samples are the layer's inputs (for a
+convolution: every receptive-field patch), its output is ``y = w^T x`` without the
+bias, and it is active where the layer output with the bias is positive.
 
-* linear           ``a   = cov[x, y] / (w^T cov[x, y])``
-* two-component    ``a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T (E_+[x y] - E_+[x] E[y]))``
-                   and ``a_-`` likewise on the inactive samples.
+Sums do not depend on how the data is cut into batches, can be checkpointed and resumed,
+and add up across processes (``torch.distributed``). ``mean_y="global"`` (default, the
+authors' code) or ``"masked"`` (the seminar text) chooses the mean of ``y`` in the
+two-component patterns. No pattern is ever NaN: never-active neurons and zero
+denominators have defined fallbacks, counted by :meth:`Patterns.report`.
+:class:`Patterns` saves and loads the result and refuses patterns of another model.
 
-``E_+`` is the mean over the samples where the neuron is active. Following the authors'
-code, ``E[y]`` is the UNMASKED mean over all samples (``mean_y="global"``, the default);
-``mean_y="masked"`` uses ``E_+[y]`` as written in the seminar text.
-
-Every expectation above is a ratio of running sums, so one pass over the data collects,
-per layer and in float64 (:class:`Statistics`)::
-
-    n, sum x, sum y, sum x y^T, n_+, sum_+ x, sum_+ y, sum_+ x y^T
-
-The products ``sum x y^T`` are weight-shaped: for a convolution they are weight
-gradients, so one batch costs one ``conv2d_weight`` call per layer, whatever the number
-of neurons. Sums do not depend on how the data is cut into batches, can be saved and
-resumed (checkpoints), and add up across processes (``torch.distributed`` all-reduce).
-
-Neurons that are never active get ``a_+ = 0``; a neuron whose denominator
-``w^T cov`` is exactly zero gets the raw covariance as its pattern, as in the authors'
-code. :meth:`Patterns.report` counts both. No pattern is ever NaN.
+The formulas, the sums and the conventions are in docs/math.md, sections 2-3.
 """
 from __future__ import annotations
 
@@ -101,7 +89,7 @@ class Statistics:
     The inputs are *shifted* by a reference ``shift_x`` (per input channel: the mean of
     the first batch) and the outputs ``y = w^T x`` by ``shift_y`` (per neuron), so every
     sum is of quantities near zero: no ``E[x y] - E[x] E[y]`` ever cancels, and the
-    per-batch products can run in float32 (docs/math.md, section 2). For a convolution
+    per-batch products can run in float32 (docs/math.md, section 3.2). For a convolution
     the zero padding makes the shifted patch differ from the shifted input's patch; the
     *cover* sums (the same products with an all-ones image) give the exact correction.
 
@@ -536,7 +524,7 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
 
         C = sum_c x (y - m) = sum_c x~ y~ + mu cover_y - m~ (sum_c x~ + mu cover)
 
-    (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 2),
+    (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 3.2),
     written in one allocation and a few in-place passes. Returns the pattern and the
     zero-denominator mask.
     """
@@ -561,7 +549,7 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
 
 def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
                       ) -> tuple[LayerPatterns, dict[str, int]]:
-    """Compute a layer's patterns from its statistics (docs/math.md, section 2).
+    """Compute a layer's patterns from its statistics (docs/math.md, section 3).
 
     Parameters
     ----------
@@ -897,12 +885,12 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         :class:`toolkit.streaming.CheckpointMismatchError`. Under ``torch.distributed``
         each rank writes ``<stem>.rank<r><suffix>``.
     mean_y : {"global", "masked"}
-        The E[y] convention of the two-component patterns (docs/math.md, section 2).
+        The E[y] convention of the two-component patterns (docs/math.md, section 3.3).
     compute_dtype : torch.dtype or "tf32", optional
         Dtype of the per-batch products; None (default) is the model's own dtype. The
         sums are float64 and the products run on shifted values, so float32 products
         agree with float64 ones to about 1e-6 (relative, Frobenius). On CUDA ``"tf32"``
-        and ``torch.bfloat16`` are an opt-in (documented in docs/math.md, section 2).
+        and ``torch.bfloat16`` are an opt-in (documented in docs/math.md, section 3.2).
 
     Returns
     -------

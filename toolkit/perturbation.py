@@ -1,41 +1,19 @@
 """Region perturbation: does destroying the most relevant regions first hurt the model most?
 
-The paper's degradation test (math.md, section 5; Samek et al. 2017). For every image:
+The paper's degradation test (Samek et al. 2017): :func:`region_perturbation` explains
+the predicted class of every image, sums the relevance over a grid of non-overlapping
+``patch x patch`` regions, replaces the regions one after another in the order of their
+relevance (or at random, the baseline) by their per-channel mean (or 0), records the
+softmax probability of the initially predicted class, and summarises the curve by its
+AOPC (area over the perturbation curve). The procedure, the regions at the border and
+the formula are in docs/math.md, section 5.
 
-1. predict: ``c = argmax f(x)`` and ``f_c(x^(0))``, the softmax probability of ``c``;
-2. explain ``c``: ``r = explainer.attribute(x, c)``, summed over the channels and over
-   each ``patch x patch`` region of a grid of non-overlapping regions;
-3. order the regions -- from most to least relevant (``order="most_relevant"``), the
-   reverse (``"least_relevant"``), or at random (``"random"``, the baseline, averaged
-   over ``random_repeats`` orderings per image);
-4. perturb: ``x^(k)`` is ``x`` with its first ``k`` regions replaced by their own
-   per-channel mean (``replace="mean"``) or by 0 (``"zero"``), for ``k = 0..L``;
-5. record ``f_c(x^(k))`` -- the probability of the *initially* predicted class -- and
-   average over images.
-
-A good explanation drops the curve fast. The curve is summarised by the *area over the
-perturbation curve*::
-
-    AOPC = 1/(L+1) sum_{k=0..L} (f_c(x^(0)) - f_c(x^(k)))      (averaged over images)
-
-Regions
--------
-An ``H x W`` image holds ``floor(H / patch) x floor(W / patch)`` regions, laid from the
-top-left corner. When ``patch`` does not divide the size, the remaining bottom rows and
-right columns belong to no region: they are never perturbed and their relevance is not
-counted (224 / 9 leaves a 8-pixel border: 24 x 24 regions cover 216 x 216 pixels).
-Regions of equal relevance are taken in row-major order (a stable sort).
-
-Cost and batching
------------------
-Each image costs one explanation and ``1 + repeats * L`` forward passes (``repeats = 1``
-for a relevance order). All of them are built as tensors -- the region sums by a
-reshape, the order by ``argsort``, the step at which each region is perturbed by
-``scatter``, the perturbed images of many steps at once by comparing that step with
-``k`` and upsampling the region mask -- and the model sees chunks of ``batch_size``
-perturbed images. There is no Python loop over images, regions or steps, only over
-chunks. The random orderings are drawn on the CPU from one generator seeded with
-``seed``, image after image, so the result does not depend on the batch size.
+Every step is a tensor operation (region sums by a reshape, orders by ``argsort``,
+perturbed images of many steps at once); the model sees chunks of ``batch_size``
+perturbed images, with no Python loop over images, regions or steps. The random orders
+come from one generator seeded with ``seed``, image after image, so the result does not
+depend on the batch size. Each image costs one explanation and ``1 + repeats * L``
+forward passes.
 """
 from __future__ import annotations
 

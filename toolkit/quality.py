@@ -1,131 +1,28 @@
 """How good is a signal estimator? ``rho(S)`` for every Conv2d/Linear layer of a network.
 
-For one neuron with filter ``w`` and inputs ``x`` (for a convolution: every
-receptive-field patch of every image), an estimator ``S`` splits the input into an
-estimated signal ``S(x)`` and an estimated distractor ``d = x - S(x)``. If any linear
-read-out of ``d`` still correlates with the output ``y = w^T x`` (bias not included),
-the estimator left part of the signal in the distractor (math.md, section 4)::
+For one neuron with filter ``w``, an estimator ``S`` splits each input ``x`` (for a
+convolution: each receptive-field patch) into an estimated signal ``S(x)`` and an
+estimated distractor ``d = x - S(x)``; the quality is::
 
-    rho(S) = 1 - max_v corr(v^T d, y)
+    rho(S) = 1 - max_v corr(v^T d, y),    y = w^T x  (no bias)
 
-``rho = 1``: no linear information about ``y`` is left in ``d``; lower is worse. The
-maximum over ``v`` is the *multiple correlation* of ``y`` with ``d``, which has a closed
-form, so no gradient descent is needed (the paper ran SGD for about a day on a GPU)::
+``rho = 1``: no linear read-out of ``d`` predicts ``y``; lower is worse. The maximum is
+computed in closed form from float64 second moments streamed in one pass
+(:class:`LayerMoments`), per neuron with 2 x 2 matrices only and no loop over neurons,
+for the estimators ``random``, ``filter`` (S_w), ``linear`` (S_a) and ``two_component``
+(S_a+-); the identity estimator has no quality and raises
+:class:`toolkit.linear.UndefinedQualityError`. :func:`layer_quality` measures every
+layer of a model; :class:`QualityResult` holds the per-neuron values and the layer
+means over the neurons whose value is defined.
 
-    max_v corr(v^T d, y) = sqrt(c^T Sigma_d^+ c / var(y)),
-    c = cov(d, y),  Sigma_d = cov(d).
+Measure on data the patterns were not fitted on. The derivation of the closed form, the
+eigenvalue floor ``rtol``, the option ``ridge``, undefined neurons and the sample-size
+warning are in docs/math.md, section 4.
 
-The estimators
---------------
-Every estimator measured here has the form ``S(x) = a_+ y_+ + a_- y_-`` with
-``y_+ = y [z > 0]`` (``z`` the layer output, bias included: the same activity mask as
-in fitting) and ``y_- = y - y_+``:
-
-=================  ==============================  =====================================
-name               ``a_+``                          ``a_-``
-=================  ==============================  =====================================
-``random``         ``r / (w^T r)``, ``r ~ N(0, I)`` ``a_+``   (:func:`random_pattern`)
-``filter``         ``w / (w^T w)``                  ``a_+``   (S_w)
-``linear``         the linear pattern ``a``         ``a_+``   (S_a)
-``two_component``  the pattern ``a_+``              ``a_-``   (S_a+-)
-=================  ==============================  =====================================
-
-The identity estimator ``S_x(x) = x`` leaves ``d = 0``: its quality is undefined and
-asking for it raises :class:`toolkit.linear.UndefinedQualityError`.
-
-The closed form, from streamed second moments
----------------------------------------------
-One pass over the data accumulates, in float64, per layer (:class:`LayerMoments`)
-the *shared* moments of the inputs ``n, sum x, sum x x^T`` (``D x D``, ``D`` the patch
-size ``C kh kw`` of a convolution) and per neuron the split moments ``n_+, sum y_+,
-sum y_+^2, sum y_-, sum y_-^2`` and ``sum x y_+`` (weight-shaped). Since ``y = w^T x``,
-``cov(x, y) = Sigma_x w`` and ``var(y) = w^T Sigma_x w`` follow from the shared moment.
-
-As ``y_- = y - y_+``, every estimator's distractor is
-``d = (I - a_- w^T) x - (a_+ - a_-) y_+``: linear in ``x`` and in one nonlinear
-quantity, ``y_+``. Write ``x = mu + Sigma^1/2 u`` and
-``y_+ = E[y_+] + c_+^T Sigma^-1/2 u + sqrt(s) e`` with ``(u, e)`` white,
-``c_+ = cov(x, y_+)`` and ``s = var(y_+) - c_+^T Sigma^-1 c_+`` the variance of ``y_+``
-that no linear function of ``x`` explains. Then ``d = F (u, e)`` and
-``y = h^T (u, e)``, ``h = (Sigma^1/2 w, 0)``, and ``1 - max_v corr^2`` is the share of
-``|h|^2`` in the null space of ``F``, which is (at most) two-dimensional:
-``g = (Sigma^-1/2 A t, (t_1 - k^T t) / sqrt(s))``, ``t in R^2``, with
-``A = [a_+, a_-]`` and ``k = A^T Sigma^-1 c_+``. Hence, per neuron, with 2 x 2
-matrices only::
-
-    1 - R^2 = (A^T w)^T Q^+ (A^T w) / var(y),
-    Q = A^T Sigma^-1 A + r r^T / s,   r = e_1 - k.
-
-Every estimator here has ``w^T a_+- = 1`` (so ``w^T d = 0``); a pattern off that plane
-adds the constraint ``(1 - A^T w)^T t = 0``. A linear-type estimator (``a_+ = a_-``),
-and the two-component one on a neuron that is always (never) active, reduce to::
-
-    1 - R^2 = (w^T a)^2 / ((a^T Sigma^-1 a) (w^T Sigma w))      (Cauchy-Schwarz: <= 1)
-
-(0 if ``w^T a != 1``), and ``rho = 1 - sqrt(1 - (1 - R^2))`` is evaluated so that it keeps
-its precision near 0. The exact structure -- ``y_+ + y_- = y`` is linear in ``x``,
-``w^T d = 0`` -- is built into the formula instead of being left to the tolerance of a
-pseudo-inverse, and nothing is large that later cancels: in the tests the result agrees
-with a least-squares regression on the samples to 1e-11 on well-conditioned layers and
-to 3e-8 on a layer with ``n = 4 D`` samples and eigenvalues spread over 6 decades (the
-floor below moves an eigenvalue ``lambda`` by ``epsilon / lambda``); where a pattern has
-a component ``a_null`` on constant inputs the floor gives ``rho`` of about
-``epsilon / (|a_null|^2 var(y))`` instead of exactly 0.
-
-``Sigma^-1`` is applied through one Cholesky factorisation per layer of
-``Sigma_x + epsilon I`` with ``epsilon = rtol * lambda_max`` (default ``rtol = 1e-12``;
-``lambda_max`` from a few power iterations),
-a floor under the eigenvalues: where the inputs are constant (a dead input channel)
-``Sigma_x`` is singular, and a pattern with a component ``a_null`` there puts a copy of
-``y`` into ``d`` (``rho = 0``, as least squares finds too); the floor turns that exact
-limit into a penalty ``|a_null|^2 / epsilon`` and keeps round-off from counting. An
-eigenvalue ``lambda`` of ``Sigma_x`` changes by the relative amount ``epsilon / lambda``.
-Per layer this costs the factorisation (``D^3 / 3``) and, per estimator, one triangular
-solve with the neurons' directions (``J D^2``); everything per neuron is a batched
-2 x 2 problem. There is no loop over neurons.
-
-Neurons without a value
------------------------
-``rho`` is a correlation and is undefined (0/0) for a neuron whose output ``y`` has
-zero variance on the data (e.g. all-zero weights, or weights that only see constant
-inputs), and for an estimator whose distractor has zero variance. Such neurons get
-``NaN`` in :attr:`QualityResult.per_neuron` *and* ``False`` in
-:attr:`QualityResult.defined`; layer means are taken over the defined neurons only,
-and the number left out is shown by :meth:`QualityResult.table`. A relative variance
-below ``1e-12`` counts as zero.
-
-Data and sample size
---------------------
-Measure on data the patterns were NOT fitted on: on the fitting data the linear
-pattern leaves ``cov(d, y) = 0`` by construction, and rho(S_a) is 1 trivially. That is
-the caller's responsibility; :func:`layer_quality` cannot check it.
-
-``max_v`` is a regression of ``y`` on ``D`` regressors, so it overfits: with ``n <= D + 1``
-samples a layer's maximal correlation is 1 whatever the estimator (rho = 0), and it is
-biased upwards by about ``D / n`` while ``n`` is not much larger than ``D``. A warning
-is issued for layers with ``n <= D + 1``. ``ridge > 0`` replaces ``Sigma_x`` by the
-shrinkage estimate ``Sigma_x + ridge * trace(Sigma_x) / D * I`` everywhere in the closed
-form (a Tikhonov term: directions the few samples never explored no longer come for
-free), which tames the overfitting at the price of a biased measure; the default 0 is the
-exact definition.
-
-The exact measure is also unforgiving where an input is constant on the evaluation data
-but not on the fitting data (a channel that is active only on a few images): the pattern
-has a component ``a_k`` there, the distractor's coordinate ``-a_k y`` is a perfect copy
-of ``y``, and ``rho`` drops towards 0 however small ``a_k`` is. Look for such layers
-(``rho`` of the linear pattern far below that of its neighbours) and use more evaluation
-data or ``ridge > 0``.
-
-Memory and time
----------------
-The shared moment is ``D x D`` float64: ``8 D^2`` bytes per layer, about 5 GB for the
-first dense layer of VGG16 (``D = 25088``) and 170 MB for a 512-channel 3 x 3
-convolution; at its peak the closed form holds four such matrices (the sums, the
-covariance, a shifted copy and its Cholesky factor). Per layer, accumulation costs
-``D^2 + 2 J D`` multiply-adds per sample (patches are unfolded in chunks of at most
-:data:`PATCH_CHUNK_ELEMENTS` numbers) and the closed form ``D^3 / 3 + 7 J D^2``. Use
-``layers=`` to measure a subset and ``device=`` to compute on a GPU;
-``benchmarks/layer_quality.py`` times a torchvision model.
+Memory: the shared moment is ``D x D`` float64 per layer (``D`` the patch size): about
+5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3 convolution;
+the closed form holds up to four such matrices. Use ``layers=`` to measure a subset and
+``device=`` to compute on a GPU; ``benchmarks/layer_quality.py`` times a model.
 """
 from __future__ import annotations
 
