@@ -525,3 +525,46 @@ def test_active_moments_reshift_is_exact():
     after = m.sum_xx_act / m.n_act[:, None, None] - (m.sum_x_act / m.n_act[:, None])[:, :, None] \
         * (m.sum_x_act / m.n_act[:, None])[:, None, :]
     torch.testing.assert_close(after, before, rtol=0, atol=1e-9)
+
+
+def test_active_regime_counts_per_layer_and_the_memory_plan(fitted):
+    from toolkit.experiment import active_regime_neurons
+    import toolkit.quality as quality
+    model, patterns = fitted
+    x = images(100, seed=2)
+    result = layer_quality(model, patterns, x, progress=False, regime="active",
+                           neurons={"2": 3, "5": [0, 5]}, seed=1)
+    assert torch.equal(result.neurons["2"], torch.randperm(5, generator=torch.Generator().manual_seed(1))[:3].sort().values)
+    assert result.neurons["5"].tolist() == [0, 5] and result.neurons["0"].numel() == 4
+    # layer 0: D = 18, layer 2: D = 36, layer 5: D = 80
+    counts = active_regime_neurons(model, x, ["0", "2", "5"], cap=4)
+    assert counts == {"0": 4, "2": 4, "5": 4}
+    old = quality.ACTIVE_MOMENT_ELEMENTS
+    try:
+        quality.ACTIVE_MOMENT_ELEMENTS = 2 * 36 * 36
+        counts = active_regime_neurons(model, x, ["0", "2", "5"], cap=4)
+    finally:
+        quality.ACTIVE_MOMENT_ELEMENTS = old
+    assert counts == {"0": 4, "2": 2}  # not even one neuron of layer 5 fits
+
+
+def test_several_pattern_sets_on_one_pass(fitted):
+    from toolkit.patterns import Patterns
+    from toolkit.layers import trace as trace_plan
+    model, patterns = fitted
+    x = images(120, seed=2)
+    masked = Patterns.from_statistics(trace_plan(model, x[:1]), patterns.statistics,
+                                      patterns.fingerprint, mean_y="masked")
+    for regime in ("all", "active"):
+        both = layer_quality(model, {"global": patterns, "masked": masked}, x, progress=False,
+                             regime=regime)
+        assert list(both) == ["global", "masked"]
+        for label, p in (("global", patterns), ("masked", masked)):
+            alone = layer_quality(model, p, x, progress=False, regime=regime)
+            for layer in alone.layers:
+                for est in ESTIMATORS:
+                    torch.testing.assert_close(both[label].per_neuron[layer][est],
+                                               alone.per_neuron[layer][est], equal_nan=True,
+                                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="empty mapping"):
+        layer_quality(model, {}, x, progress=False)

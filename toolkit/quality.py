@@ -154,7 +154,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -1015,9 +1015,11 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     model : nn.Module
         A network of the supported modules (:data:`toolkit.layers.SUPPORTED_MODULES`),
         evaluated in eval mode; it is not changed.
-    patterns : toolkit.patterns.Patterns or None
+    patterns : toolkit.patterns.Patterns, mapping of them, or None
         Patterns fitted for ``model`` (checked); needed for ``linear`` and
-        ``two_component``, may be None for ``random`` and ``filter`` only.
+        ``two_component``, may be None for ``random`` and ``filter`` only. A mapping
+        ``{label: patterns}`` (e.g. the two ``mean_y`` conventions) is measured on one
+        pass over the data and gives ``{label: QualityResult}``.
     data : Tensor or iterable
         Inputs NOT used to fit the patterns: a tensor of inputs, or an iterable (e.g. a
         DataLoader) of tensors or ``(inputs, labels)`` pairs. The result does not depend
@@ -1056,20 +1058,26 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         Active regime only: which neurons to measure. None (default): all of them; an
         int ``k``: at most ``k`` per layer, drawn without replacement by
         ``torch.randperm(J, generator=torch.Generator().manual_seed(seed))`` and sorted
-        (reproducible); a dict ``{layer: indices}``: those (layers not in it: all). A
+        (reproducible); a dict ``{layer: indices or count}``: those indices, or that many
+        drawn as for an int (layers not in it: all). A
         layer whose active moments would exceed :data:`ACTIVE_MOMENT_ELEMENTS` numbers
         raises ``ValueError``: choose fewer neurons there.
 
     Returns
     -------
-    QualityResult
+    QualityResult, or a dict of them for a mapping of patterns
 
     Warns
     -----
     RuntimeWarning
         For layers with ``n <= D + 1`` samples, where ``max_v corr = 1`` trivially.
     """
-    estimators = _check_estimators(estimators, patterns)
+    several = isinstance(patterns, Mapping)
+    pattern_sets = dict(patterns) if several else {None: patterns}
+    if not pattern_sets:
+        raise ValueError("patterns is an empty mapping: give at least one set of patterns")
+    for p in pattern_sets.values():
+        estimators = _check_estimators(estimators, p)
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, not {ridge}")
     if regime not in REGIMES:
@@ -1080,8 +1088,9 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     plan, moments = collect_moments(model, data, layers=layers, device=device,
                                     max_batches=max_batches, progress=progress, batch_size=batch_size,
                                     accumulator=accumulator)
-    if patterns is not None:
-        patterns.check(model, plan)
+    for p in pattern_sets.values():
+        if p is not None:
+            p.check(model, plan)
     few = [f"{layer.name} (n={int(moments[layer.name].n)}, D={moments[layer.name].dim})"
            for layer in plan if moments[layer.name].n <= moments[layer.name].dim + 1]
     if few and ridge == 0:
@@ -1089,7 +1098,14 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
             f"layers {', '.join(few)} have no more samples than inputs (n <= D + 1): the best "
             "linear read-out of the distractor fits y perfectly and rho is 0 whatever the "
             "estimator; measure on more data or set ridge > 0", RuntimeWarning, stacklevel=2)
+    results = {label: _evaluate(plan, moments, p, estimators, regime, seed, ridge, rtol)
+               for label, p in pattern_sets.items()}
+    return results if several else results[None]
 
+
+def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], regime: str,
+              seed: int, ridge: float, rtol: float) -> QualityResult:
+    """``rho`` of every layer from its streamed moments, for one set of patterns."""
     per_neuron, defined, mean, samples, dims, measured = {}, {}, {}, {}, {}, {}
     for layer in plan:
         weight = layer.weight().to(torch.float64)
@@ -1127,7 +1143,10 @@ def _chosen_neurons(layer: Layer, neurons, seed: int) -> Tensor:
         return order[:neurons].sort().values
     if layer.name not in neurons:
         return torch.arange(j)
-    index = torch.as_tensor(list(neurons[layer.name]), dtype=torch.long).unique()
+    chosen = neurons[layer.name]
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        return _chosen_neurons(layer, chosen, seed)
+    index = torch.as_tensor(list(chosen), dtype=torch.long).unique()
     if index.numel() == 0 or index.min() < 0 or index.max() >= j:
         raise ValueError(f"neurons[{layer.name!r}] must be indices in [0, {j}), got {neurons[layer.name]}")
     return index

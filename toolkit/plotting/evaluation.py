@@ -121,8 +121,8 @@ def plot_layer_quality(result, ax=None, estimators: Sequence[str] | None = None,
 
 
 def plot_layer_quality_regimes(results: Mapping[str, object], title: str | None = None,
-                               difference: bool = True, size: tuple[float, float] = (4.6, 3.6)
-                               ) -> Figure:
+                               difference: bool = True, size: tuple[float, float] = (4.2, 3.4),
+                               columns: int = 3) -> Figure:
     """Several layer-quality measurements side by side, and ``rho(S_a+-) - rho(S_a)``.
 
     Parameters
@@ -138,6 +138,8 @@ def plot_layer_quality_regimes(results: Mapping[str, object], title: str | None 
         (needs both estimators): above 0 the two-component estimator is better.
     size : (float, float)
         Inches per panel.
+    columns : int
+        Panels per row (more panels wrap to further rows).
 
     Returns
     -------
@@ -148,8 +150,13 @@ def plot_layer_quality_regimes(results: Mapping[str, object], title: str | None 
     first = next(iter(results.values()))
     layers = list(first.layers)
     panels = len(results) + bool(difference)
-    fig = Figure(figsize=(size[0] * panels, size[1]), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    cols = min(panels, columns)
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in grid[panels:]:
+        ax.remove()
+    axes = grid[:panels]
     for ax, (name, result) in zip(axes, results.items()):
         plot_layer_quality(result, ax, title=name, layers=layers, legend=ax is axes[0])
     if difference:
