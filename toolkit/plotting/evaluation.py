@@ -69,6 +69,14 @@ def _axes(ax, size=(6.4, 3.6)):
     return Figure(figsize=size, layout="constrained").add_subplot()
 
 
+def _layer_ticks(ax, layers: Sequence[str]) -> None:
+    """Layer names as x ticks, slanted when they would not fit side by side."""
+    slanted = len(layers) > 6 or sum(len(name) for name in layers) > 36
+    ax.set_xticks(list(range(len(layers))), layers, rotation=40 if slanted else 0,
+                  ha="right" if slanted else "center", rotation_mode="anchor" if slanted else "default")
+    ax.set_xlabel("layer")
+
+
 def _mean(result, layer: str, name: str) -> float:
     """The layer's mean, NaN where the result does not hold the layer."""
     return result.mean[layer][name] if layer in result.mean else math.nan
@@ -107,9 +115,7 @@ def plot_layer_quality(result, ax=None, estimators: Sequence[str] | None = None,
         ax.plot([i + (k - middle) * OFFSET for i in range(len(layers))],
                 [_mean(result, layer, name) for layer in layers],
                 label=QUALITY_LABELS.get(name, name), **style)
-    ax.set_xticks(list(range(len(layers))), layers, rotation=45 if len(layers) > 6 else 0,
-                  ha="right" if len(layers) > 6 else "center")
-    ax.set_xlabel("layer")
+    _layer_ticks(ax, layers)
     ax.set_ylabel(r"$\rho(S)$")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, axis="y", alpha=0.3)
@@ -171,9 +177,7 @@ def plot_layer_quality_regimes(results: Mapping[str, object], title: str | None 
                     [_mean(result, layer, "two_component") - _mean(result, layer, "linear")
                      for layer in layers], marker=marker, linestyle=linestyle, color=color, label=name)
         ax.axhline(0, color="0.6", linewidth=0.8)
-        ax.set_xticks(list(range(len(layers))), layers, rotation=45 if len(layers) > 6 else 0,
-                      ha="right" if len(layers) > 6 else "center")
-        ax.set_xlabel("layer")
+        _layer_ticks(ax, layers)
         ax.set_ylabel(r"$\rho(S_{a\pm}) - \rho(S_a)$")
         ax.set_title(r"$S_{a\pm}$ better above 0")
         ax.grid(True, axis="y", alpha=0.3)
