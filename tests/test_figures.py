@@ -80,3 +80,12 @@ def test_prediction_labels_and_the_style():
     use_course_style()
     assert matplotlib.rcParams["savefig.dpi"] >= 150 and matplotlib.rcParams["figure.dpi"] >= 150
     assert COURSE_STYLE["legend.fontsize"] >= 8
+
+
+def test_grid_breaks_long_row_labels():
+    from toolkit.plotting.images import explanation_grid
+    x = torch.rand(2, 1, 6, 6)
+    fig = explanation_grid(x, {"a": x}, {"a": "attribution"},
+                           row_labels=["Pullover - Pullover (0.98)", "Bag - Bag"], size=1.5)
+    assert fig.axes[0].get_ylabel() == "Pullover -\nPullover (0.98)"
+    assert fig.axes[2].get_ylabel() == "Bag - Bag"  # short enough for one line

@@ -218,7 +218,7 @@ def plot_perturbation(curves: Mapping[str, object], ax=None, title: str | None =
         if name in styles:
             style = dict(styles[name])
         elif result.order == "random":
-            style = dict(linestyle="--", color="0.45", marker="x")
+            style = dict(linestyle="--", color="black", marker="x")
         else:
             linestyle, marker = next(own)
             style = dict(linestyle=linestyle, marker=marker)
