@@ -272,3 +272,42 @@ def test_absolute_and_perturb_all(net, patterns, images):
     assert aopcs == sorted(aopcs, reverse=True)
     assert "random" not in compare.perturb_all(net, {"gradient": gradient}, images[:2], patch=4,
                                                steps=1, random_name=None)
+
+
+def test_estimator_figure_helpers(net, patterns, images):
+    explainers = compare.estimator_explainers(net, patterns, images)
+    assert list(explainers) == list(compare.ESTIMATOR_METHODS.values())
+    x = images[:4]
+    filtered = estimator_patterns(net, patterns, "filter", x)
+    torch.testing.assert_close(explainers["patternattribution_filter"].attribute(x),
+                               PatternAttribution(net, filtered).attribute(x))
+    torch.testing.assert_close(explainers["lrp_z"].attribute(x), LRPZ(net).attribute(x))
+    results = compare.perturb_all(net, explainers, images[:6], patch=4, steps=3, random_repeats=2)
+    text = compare.estimator_aopc_table(results)
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["S_x", "S_w", "S_a", "S_a+-", "random"]
+    assert float(lines[5].split()[1]) == pytest.approx(results["patternattribution"].aopc, abs=5e-4)
+    orders = compare.estimator_orderings(results)
+    aopc = {k: r.aopc for k, r in results.items()}
+    assert orders["random order slowest"] == (aopc["random"] == min(aopc.values()))
+    assert orders["S_x above S_w"] == (aopc["lrp_z"] > aopc["patternattribution_filter"])
+
+
+@pytest.mark.filterwarnings("ignore:layers .* have no more samples")
+def test_regime_table_and_mean_y(net, patterns, images):
+    from toolkit.quality import layer_quality
+
+    everything = layer_quality(net, patterns, images, progress=False, layers=["0", "3"])
+    active = layer_quality(net, patterns, images, progress=False, layers=["0"], regime="active")
+    text = compare.regime_table({"all samples": everything, "active samples": active})
+    lines = text.splitlines()
+    assert "all samples" in lines[0] and "active samples" in lines[0]
+    assert len(lines) == 3 + 2 and lines[-1].rstrip().endswith("-")  # layer 3: not measured active
+    m = active.mean["0"]
+    assert lines[3].split()[-1] == ("yes" if m["two_component"] > m["linear"] else "no")
+    with pytest.raises(ValueError, match="different regimes"):
+        merge_quality(everything, active)
+    masked = compare.with_mean_y(net, patterns, "masked", images)
+    assert masked.mean_y == "masked"
+    torch.testing.assert_close(masked["0"].linear, patterns["0"].linear)
+    assert not torch.allclose(masked["0"].positive, patterns["0"].positive)

@@ -7,6 +7,7 @@ least-squares regression for rho.
 import numpy as np
 import pytest
 
+from toolkit import linear
 from toolkit.linear import (
     ESTIMATORS,
     FilterEstimator,
@@ -496,3 +497,52 @@ def test_max_correlation_is_the_multiple_correlation():
     assert max_correlation(d[:, 0], y) == pytest.approx(abs(np.corrcoef(d[:, 0], y)[0, 1]))
     with pytest.raises(ValueError, match="d has 300 rows .* y has length 299"):
         max_correlation(d, y[:-1])
+
+
+# ---------------------------------------------------------------------------
+# rho on the active regime
+# ---------------------------------------------------------------------------
+def _lstsq_rho(d, y):
+    """1 - corr of the least-squares read-out of centred y from centred d."""
+    d = d - d.mean(0)
+    yc = y - y.mean()
+    v, *_ = np.linalg.lstsq(d, yc, rcond=None)
+    readout = d @ v
+    return 1 - readout @ yc / np.sqrt((readout @ readout) * (yc @ yc))
+
+
+def test_quality_on_the_active_regime_is_least_squares_on_the_active_samples():
+    data = linear.make_two_sided_data(4000, linear.direction(0), linear.direction(60),
+                                      linear.direction(135), seed=0)
+    test = linear.make_two_sided_data(4000, linear.direction(0), linear.direction(60),
+                                      linear.direction(135), seed=1)
+    w = linear.fit_filter(data.x, data.y)
+    active = test.x @ w > 0
+    for name in ("filter", "linear", "two_component", "random"):
+        est = linear.make_estimator(name, **({"seed": 0} if name == "random" else {})).fit(data.x, w)
+        x = test.x[active]
+        expected = _lstsq_rho(x - est.signal(x), x @ w)
+        assert linear.quality(est, test.x, w, regime="active") == pytest.approx(expected, abs=1e-10)
+        everything = _lstsq_rho(test.x - est.signal(test.x), test.x @ w)
+        assert linear.quality(est, test.x, w) == pytest.approx(everything, abs=1e-10)
+    # a signal that turns at y = 0: over all samples S_a looks as good as S_a+-,
+    # on the active samples it is clearly worse
+    lin = linear.LinearEstimator().fit(data.x, w)
+    two = linear.TwoComponentEstimator().fit(data.x, w)
+    assert abs(linear.quality(lin, test.x, w) - linear.quality(two, test.x, w)) < 0.01
+    assert linear.quality(two, test.x, w, regime="active") > \
+        linear.quality(lin, test.x, w, regime="active") + 0.1
+
+
+def test_quality_regime_errors():
+    data = linear.make_data(200, [1, 0], [1, 1], seed=0)
+    w = linear.fit_filter(data.x, data.y)
+    est = linear.LinearEstimator().fit(data.x, w)
+    with pytest.raises(ValueError, match="unknown regime 'positive'"):
+        linear.quality(est, data.x, w, regime="positive")
+    few = data.x[data.x @ w <= 0][:50]
+    few = np.vstack([few, data.x[data.x @ w > 0][:2]])
+    with pytest.raises(linear.UndefinedQualityError, match="only 2 of the samples"):
+        linear.quality(est, few, w, regime="active")
+    with pytest.raises(ValueError, match="one length D"):
+        linear.make_two_sided_data(10, [1, 0], [1, 0, 0], [0, 1])

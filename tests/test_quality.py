@@ -388,3 +388,185 @@ def test_result_table_dict_and_plot(fitted):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "random" and any("S_w" in t or "S_{w}" in t for t in labels)
     assert [t.get_text() for t in ax.get_xticklabels()] == result.layers
+
+
+# ----------------------------------------------------------------------------------
+# the active regime: each neuron on the samples where it is active
+# ----------------------------------------------------------------------------------
+def brute_force_active_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarray,
+                           a_pos: np.ndarray) -> float:
+    """Least squares on the active samples only: there S(x) = a_+ y for every estimator.
+    NaN where the neuron has at most D + 1 active samples."""
+    x = patches[active]
+    if len(x) <= x.shape[1] + 1:
+        return math.nan
+    y = x @ w
+    d = x - np.outer(y, a_pos)
+    d = d - d.mean(0)
+    yc = y - y.mean()
+    # singular values below 1e-9 of the largest are rounding (constant inputs, w^T d ~ 0)
+    v, *_ = np.linalg.lstsq(d, yc, rcond=1e-9)  # the best read-out v
+    readout = d @ v
+    return 1.0 - (readout @ yc) / np.sqrt((readout @ readout) * (yc @ yc))
+
+
+def active_reference(model, patterns, x):
+    io = layer_io(model, x)
+    result = {}
+    for name, module in model.named_modules():
+        if name not in io:
+            continue
+        patches, z = samples_of(module, *io[name])
+        weight = module.weight.detach()
+        w = weight.reshape(weight.shape[0], -1).numpy()
+        result[name] = {}
+        for est in ESTIMATORS:
+            a_pos, _ = directions(est, weight, patterns[name])
+            result[name][est] = np.array([
+                brute_force_active_rho(patches, w[j], z[:, j] > 0, a_pos[j])
+                for j in range(w.shape[0])])
+    return result
+
+
+def test_active_regime_equals_least_squares_on_the_active_samples(fitted):
+    model, patterns = fitted
+    x = images(400, seed=2)
+    result = layer_quality(model, patterns, torch.split(x, 64), progress=False, regime="active")
+    expected = active_reference(model, patterns, x)
+    assert result.regime == "active"
+    for layer in result.layers:
+        for est in ESTIMATORS:
+            got = result.per_neuron[layer][est].numpy()
+            want = expected[layer][est]
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-8,
+                                       err_msg=f"layer {layer}, estimator {est}")
+    # the convolutions have every neuron defined; the dense layer (400 samples, D = 80) too
+    assert all(result.defined[layer]["linear"].all() for layer in result.layers)
+    # and the regimes differ: the all-samples values are not the active ones
+    everything = layer_quality(model, patterns, x, progress=False)
+    assert not np.allclose(everything.per_neuron["2"]["two_component"].numpy(),
+                           result.per_neuron["2"]["two_component"].numpy(), atol=1e-3)
+
+
+def test_active_regime_with_one_sided_neurons_and_constant_inputs():
+    """Neuron 1 of layer 2 is always active (its active regime is the whole data), neuron
+    2 never (undefined); the dead channel makes every active covariance singular."""
+    model = small_net(dead_channel=True)
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    x = images(300, seed=2)
+    result = layer_quality(model, patterns, x, batch_size=100, progress=False, regime="active")
+    expected = active_reference(model, patterns, x)
+    for layer in result.layers:
+        for est in ESTIMATORS:
+            got = result.per_neuron[layer][est].numpy()
+            np.testing.assert_allclose(got, expected[layer][est], rtol=0, atol=1e-6,
+                                       err_msg=f"layer {layer}, estimator {est}")
+    assert not result.defined["2"]["linear"][2]  # never active
+    everything = layer_quality(model, patterns, x, batch_size=100, progress=False,
+                               estimators=("linear",))
+    # always active: both regimes see the same samples and the same linear-type estimator
+    assert result.per_neuron["2"]["linear"][1] == pytest.approx(
+        float(everything.per_neuron["2"]["linear"][1]), abs=1e-9)
+
+
+def test_active_regime_on_a_subset_of_neurons(fitted):
+    model, patterns = fitted
+    x = images(300, seed=2)
+    full = layer_quality(model, patterns, x, progress=False, regime="active", batch_size=100, seed=3)
+    some = layer_quality(model, patterns, x, progress=False, regime="active", neurons=2, seed=3,
+                         batch_size=50)
+    again = layer_quality(model, patterns, x, progress=False, regime="active", neurons=2, seed=3)
+    chosen = some.neurons["2"]
+    assert chosen.numel() == 2 and torch.equal(chosen, again.neurons["2"])
+    assert torch.equal(chosen, torch.randperm(5, generator=torch.Generator().manual_seed(3))[:2].sort().values)
+    for est in ESTIMATORS:
+        got = some.per_neuron["2"][est]
+        np.testing.assert_allclose(got[chosen].numpy(), full.per_neuron["2"][est][chosen].numpy(),
+                                   rtol=0, atol=1e-10)
+        others = torch.ones(5, dtype=torch.bool)
+        others[chosen] = False
+        assert torch.isnan(got[others]).all() and not some.defined["2"][est][others].any()
+        assert some.mean["2"][est] == pytest.approx(float(got[chosen].mean()), abs=1e-12)
+    assert some.undefined("2") == 0
+    picked = layer_quality(model, patterns, x, progress=False, regime="active", neurons={"0": [3, 1]})
+    assert picked.neurons["0"].tolist() == [1, 3] and picked.neurons["2"].numel() == 5
+
+
+def test_active_regime_bad_settings(fitted, monkeypatch):
+    model, patterns = fitted
+    x = images(50, seed=2)
+    with pytest.raises(ValueError, match="regime"):
+        layer_quality(model, patterns, x, progress=False, regime="positive")
+    with pytest.raises(ValueError, match="regime='active'"):
+        layer_quality(model, patterns, x, progress=False, neurons=3)
+    with pytest.raises(ValueError, match=r"neurons\['0'\]"):
+        layer_quality(model, patterns, x, progress=False, regime="active", neurons={"0": [7]})
+    with pytest.raises(ValueError, match="positive count"):
+        layer_quality(model, patterns, x, progress=False, regime="active", neurons=0)
+    import toolkit.quality as quality
+    monkeypatch.setattr(quality, "ACTIVE_MOMENT_ELEMENTS", 10_000)
+    with pytest.raises(ValueError, match="layer 5: the active regime needs 6 x 80 x 80"):
+        layer_quality(model, patterns, x, progress=False, regime="active")
+
+
+def test_active_moments_reshift_is_exact():
+    """Moving the active sums to another shift (as all_reduce does) changes no covariance."""
+    from toolkit.layers import trace as trace_plan
+    from toolkit.quality import ActiveLayerMoments
+    model = small_net()
+    x = images(20, seed=5)
+    plan = trace_plan(model, x)
+    layer = plan.layers[1]
+    io = layer_io(model, x)
+    m = ActiveLayerMoments.zeros(36, 5)
+    m.update(layer, *io["2"])
+    before = m.sum_xx_act / m.n_act[:, None, None] - (m.sum_x_act / m.n_act[:, None])[:, :, None] \
+        * (m.sum_x_act / m.n_act[:, None])[:, None, :]
+    m.reshift(m.shift + 3.0)
+    after = m.sum_xx_act / m.n_act[:, None, None] - (m.sum_x_act / m.n_act[:, None])[:, :, None] \
+        * (m.sum_x_act / m.n_act[:, None])[:, None, :]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-9)
+
+
+def test_active_regime_counts_per_layer_and_the_memory_plan(fitted):
+    from toolkit.experiment import active_regime_neurons
+    import toolkit.quality as quality
+    model, patterns = fitted
+    x = images(100, seed=2)
+    result = layer_quality(model, patterns, x, progress=False, regime="active",
+                           neurons={"2": 3, "5": [0, 5]}, seed=1)
+    assert torch.equal(result.neurons["2"], torch.randperm(5, generator=torch.Generator().manual_seed(1))[:3].sort().values)
+    assert result.neurons["5"].tolist() == [0, 5] and result.neurons["0"].numel() == 4
+    # layer 0: D = 18, layer 2: D = 36, layer 5: D = 80
+    counts = active_regime_neurons(model, x, ["0", "2", "5"], cap=4)
+    assert counts == {"0": 4, "2": 4, "5": 4}
+    old = quality.ACTIVE_MOMENT_ELEMENTS
+    try:
+        quality.ACTIVE_MOMENT_ELEMENTS = 2 * 36 * 36
+        counts = active_regime_neurons(model, x, ["0", "2", "5"], cap=4)
+    finally:
+        quality.ACTIVE_MOMENT_ELEMENTS = old
+    assert counts == {"0": 4, "2": 2}  # not even one neuron of layer 5 fits
+
+
+def test_several_pattern_sets_on_one_pass(fitted):
+    from toolkit.patterns import Patterns
+    from toolkit.layers import trace as trace_plan
+    model, patterns = fitted
+    x = images(120, seed=2)
+    masked = Patterns.from_statistics(trace_plan(model, x[:1]), patterns.statistics,
+                                      patterns.fingerprint, mean_y="masked")
+    for regime in ("all", "active"):
+        both = layer_quality(model, {"global": patterns, "masked": masked}, x, progress=False,
+                             regime=regime)
+        assert list(both) == ["global", "masked"]
+        for label, p in (("global", patterns), ("masked", masked)):
+            alone = layer_quality(model, p, x, progress=False, regime=regime)
+            for layer in alone.layers:
+                for est in ESTIMATORS:
+                    torch.testing.assert_close(both[label].per_neuron[layer][est],
+                                               alone.per_neuron[layer][est], equal_nan=True,
+                                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="empty mapping"):
+        layer_quality(model, {}, x, progress=False)

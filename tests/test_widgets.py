@@ -60,6 +60,40 @@ def test_explorer_builds_and_updates_without_a_kernel():
     assert "parallel" in panel.table.value
 
 
+def _grey_share(png):
+    """Share of the image's pixels that are the invalid panel's grey (0.85 * 255)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return float((np.abs(pixels - 217) <= 1).all(axis=2).mean())
+
+
+def test_invalid_setting_greys_the_figure_and_clears_the_table():
+    pytest.importorskip("ipywidgets")
+    from toolkit.widgets import INVALID_CLASS
+    panel = explorer(n=300)
+    valid_image = panel.image.value
+    assert _grey_share(valid_image) < 0.05
+    panel.controls["distractor_angle"].value = 0.0  # parallel to the signal at 0 degrees
+    assert _grey_share(panel.image.value) > 0.9
+    assert "&rho; =" not in panel.table.value and "parallel" in panel.table.value
+    assert INVALID_CLASS in panel.image._dom_classes and INVALID_CLASS in panel.table._dom_classes
+    panel.controls["distractor_angle"].value = 45.0  # valid again: the default view is back
+    assert panel.image.value == valid_image
+    assert INVALID_CLASS not in panel.image._dom_classes
+    assert "&rho; =" in panel.table.value
+
+
+def test_figure2_buttons_set_the_distractor_angle():
+    pytest.importorskip("ipywidgets")
+    panel = explorer(n=300, signal_angle=20.0)
+    assert [b.description for b in panel.buttons] == ["90°", "45°", "135°", "30°"]
+    panel.buttons[3].click()
+    assert panel.controls["signal_angle"].value == 0.0
+    assert panel.controls["distractor_angle"].value == 30.0
+    assert "(+1.000, -1.732)" in panel.table.value  # w at 30 degrees, as in notebook 01
+    panel.buttons[0].click()
+    assert "(+1.000, +0.000)" in panel.table.value
+
+
 def test_blitted_render_equals_a_fresh_render():
     renderer = PanelRenderer()
     for angle in (10, 80, 150):  # windows of different sizes

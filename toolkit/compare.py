@@ -71,6 +71,13 @@ __all__ = [
     "merge_quality",
     "ideal_rho",
     "quality_table",
+    "regime_table",
+    "with_mean_y",
+    "ESTIMATOR_METHODS",
+    "ESTIMATOR_TITLES",
+    "estimator_explainers",
+    "estimator_aopc_table",
+    "estimator_orderings",
 ]
 
 #: Every method, in the order of the paper's comparison.
@@ -376,11 +383,72 @@ def perturb_all(model: nn.Module, explainers: Mapping[str, object], images: Tens
     return results
 
 
+#: Figure 5 of the paper: PatternAttribution with each estimator, keyed as in
+#: :func:`perturb_all`. ``S_x(x) = x`` makes PatternAttribution gradient x input, i.e. LRP-z.
+ESTIMATOR_METHODS = {
+    "identity": "lrp_z",
+    "filter": "patternattribution_filter",
+    "linear": "patternattribution_linear",
+    "two_component": "patternattribution",
+}
+#: Table names of those methods and of the random order.
+ESTIMATOR_TITLES = {
+    "lrp_z": "S_x (LRP-z)",
+    "patternattribution_filter": "S_w",
+    "patternattribution_linear": "S_a",
+    "patternattribution": "S_a+-",
+    "random": "random order",
+}
+
+
+def estimator_explainers(model: nn.Module, patterns, inputs: Tensor) -> dict[str, Explainer]:
+    """PatternAttribution with each of the paper's estimators (:data:`ESTIMATOR_METHODS`).
+
+    ``inputs``: a batch the model runs on (to find the layers for the filter patterns).
+    """
+    explainers = make_explainers(model, patterns, ("lrp_z", "patternattribution_linear",
+                                                   "patternattribution"))
+    explainers["patternattribution_filter"] = PatternAttribution(
+        model, estimator_patterns(model, patterns, "filter", inputs[:1]))
+    return {name: explainers[name] for name in ESTIMATOR_METHODS.values()}
+
+
+def estimator_aopc_table(results: Mapping[str, object], decimals: int = 3) -> str:
+    """The AOPC of PatternAttribution per estimator and of the random order, in the
+    paper's order (S_x, S_w, S_a, S_a+-, random), with the probability after the last step."""
+    names = [n for n in (*ESTIMATOR_METHODS.values(), "random") if n in results]
+    if not names:
+        raise ValueError(f"results hold none of {tuple(ESTIMATOR_TITLES)}")
+    last = next(iter(results.values())).steps
+    head = f"{'estimator':<14}{'AOPC':>8}{f'p @ {last}':>10}"
+    lines = [head, "-" * len(head)]
+    for name in names:
+        r = results[name]
+        lines.append(f"{ESTIMATOR_TITLES[name]:<14}{np.round(r.aopc, decimals) + 0.0:>8.{decimals}f}"
+                     f"{np.round(float(r.curve[-1]), decimals) + 0.0:>10.{decimals}f}")
+    return "\n".join(lines)
+
+
+def estimator_orderings(results: Mapping[str, object]) -> dict[str, bool]:
+    """The paper's Figure 5 orderings, by AOPC (larger: faster drop): S_a+- fastest,
+    random slowest, S_x above S_w, S_a below both S_x and S_w."""
+    aopc = {name: results[name].aopc for name in (*ESTIMATOR_METHODS.values(), "random")}
+    sx, sw, sa, sapm, rnd = (aopc["lrp_z"], aopc["patternattribution_filter"],
+                             aopc["patternattribution_linear"], aopc["patternattribution"], aopc["random"])
+    return {
+        "S_a+- drops fastest": sapm == max(aopc.values()),
+        "random order slowest": rnd == min(aopc.values()),
+        "S_x above S_w": sx > sw,
+        "S_a below S_x and S_w": sa < min(sx, sw),
+    }
+
+
 def perturbation_table(results: Mapping[str, object], at: Sequence[int] = (5, 10),
                        titles: Mapping[str, str] | None = None, decimals: int = 2) -> str:
     """AOPC per method, best first, with the mean probability of the initial class after
     the regions in ``at`` were perturbed."""
-    titles = dict(TITLES) | {"random": "random order"} | dict(titles or {})
+    titles = dict(TITLES) | {"random": "random order", "patternattribution_filter": "PattAttr S_w"} \
+        | dict(titles or {})
     names = sorted(results, key=lambda n: -results[n].aopc)
     width = max([len("method")] + [len(titles.get(n, n)) for n in names]) + 2
     head = f"{'method':<{width}}{'AOPC':>7}" + "".join(f"{f'p @ {k}':>9}" for k in at)
@@ -530,6 +598,9 @@ def merge_quality(*results):
 
     if not results:
         raise ValueError("give at least one QualityResult")
+    regimes = {getattr(r, "regime", "all") for r in results}
+    if len(regimes) > 1:
+        raise ValueError(f"results measure different regimes: {sorted(regimes)}")
     estimators = tuple(results[0].estimators)
     layers: list[str] = []
     for r in results:
@@ -584,3 +655,61 @@ def quality_table(result, decimals: int = 2) -> str:
         lines.append(f"{layer:<{width}}{values}{result.samples[layer]:>11}{result.dims[layer]:>6}"
                      f"{np.round(ideal[layer], decimals) + 0.0:>9.{decimals}f}")
     return "\n".join(lines)
+
+
+def regime_table(results: Mapping[str, object], estimators: Sequence[str] = ("filter", "linear",
+                                                                           "two_component"),
+                 decimals: int = 2) -> str:
+    """Mean ``rho`` per layer under several measurements side by side (e.g. over all
+    samples and over the active ones), and whether ``S_a+-`` beats ``S_a`` in each.
+
+    Parameters
+    ----------
+    results : mapping of column title -> toolkit.quality.QualityResult
+        The first result's layers are the rows; a layer another result lacks shows "-".
+    estimators : sequence of str
+        Estimators shown per result.
+    """
+    if not results:
+        raise ValueError("give at least one QualityResult")
+    short = {"random": "rand", "filter": "S_w", "linear": "S_a", "two_component": "S_a+-"}
+    layers = list(next(iter(results.values())).layers)
+    width = max([len("layer")] + [len(n) for n in layers]) + 2
+    col = max(7, decimals + 5)
+    groups = []
+    for title, r in results.items():
+        cells = [f"{short.get(e, e):>{col}}" for e in estimators] + [f"{'+- > a':>8}"]
+        groups.append((title, "".join(cells)))
+    top = f"{'':<{width}}" + " | ".join(f"{title:^{len(cells)}}" for title, cells in groups)
+    head = f"{'layer':<{width}}" + " | ".join(cells for _, cells in groups)
+    lines = [top, head, "-" * len(head)]
+    for layer in layers:
+        parts = []
+        for r in results.values():
+            if layer not in r.mean:
+                parts.append("".join(f"{'-':>{col}}" for _ in estimators) + f"{'-':>8}")
+                continue
+            m = r.mean[layer]
+            values = "".join(f"{np.round(m[e], decimals) + 0.0:>{col}.{decimals}f}" for e in estimators)
+            better = m["two_component"] > m["linear"] if {"linear", "two_component"} <= set(m) else None
+            parts.append(values + f"{'-' if better is None else ('yes' if better else 'no'):>8}")
+        lines.append(f"{layer:<{width}}" + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def with_mean_y(model: nn.Module, patterns, mean_y: str, inputs: Tensor):
+    """The same patterns with the other convention for ``E[y]`` in ``a_+-``.
+
+    Recomputed from the statistics ``patterns`` keeps (no second pass over the data):
+    ``"global"`` uses ``E[y]`` over all samples (the authors' code), ``"masked"`` the
+    mean over each side, ``E_+[y]`` (the seminar text; each side's pattern is then the
+    covariance of ``x`` and ``y`` over that side's samples).
+    """
+    from toolkit.layers import trace
+    from toolkit.patterns import Patterns
+
+    if not patterns.statistics:
+        raise ValueError("these patterns keep no statistics to recompute them from")
+    plan = trace(model, inputs[:1])
+    patterns.check(model, plan)
+    return Patterns.from_statistics(plan, patterns.statistics, patterns.fingerprint, mean_y=mean_y)

@@ -51,6 +51,7 @@ __all__ = [
     "Rates",
     "ASSUMED_RATES",
     "Config",
+    "active_regime_neurons",
     "MiniVGG16",
     "PHOTOGRAPHS",
     "load_photographs",
@@ -110,6 +111,9 @@ class Sizes:
         Side of the network input (the crop).
     precision_images : int
         Images of the float64 reference fit that checks the fast settings.
+    active_neurons : int
+        At most this many neurons per layer are measured on the active regime (each
+        needs a ``D x D`` float64 moment; see :func:`active_regime_neurons`).
     """
 
     fit_images: int
@@ -122,6 +126,7 @@ class Sizes:
     batch_size: int = 64
     image_size: int = 224
     precision_images: int = 256
+    active_neurons: int = 8
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -141,6 +146,27 @@ FULL_SIZES = Sizes(fit_images=640_000, quality_images=5_000, quality_dense_image
 STAND_IN_SIZES = Sizes(fit_images=768, quality_images=128, quality_dense_images=1536,
                        perturbation_images=32, perturbation_steps=20, patch=9, random_repeats=3,
                        batch_size=64, image_size=64, precision_images=128)
+
+
+def active_regime_neurons(model: nn.Module, inputs: Tensor, layers, cap: int) -> dict[str, int]:
+    """How many neurons of each layer ``layer_quality(..., regime="active")`` can measure.
+
+    At most ``cap`` per layer and at most what fits into
+    :data:`toolkit.quality.ACTIVE_MOMENT_ELEMENTS` float64 numbers (``K D^2``); layers
+    where not even one neuron fits (VGG16's first dense layer, ``D = 25088``) are left
+    out of the result. Pass it as ``neurons=`` with ``layers=list(result)``.
+    """
+    from toolkit.layers import trace
+    from toolkit.quality import ACTIVE_MOMENT_ELEMENTS
+
+    counts = {}
+    for layer in trace(model, inputs[:1]):
+        if layer.name in layers:
+            dim = layer.weight()[0].numel()
+            fit = ACTIVE_MOMENT_ELEMENTS // (dim * dim)
+            if fit >= 1:
+                counts[layer.name] = min(cap, fit, layer.out_features)
+    return counts
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import numpy as np
 __all__ = [
     "ToyData",
     "make_data",
+    "make_two_sided_data",
     "fit_filter",
     "direction",
     "SignalEstimator",
@@ -54,6 +55,7 @@ __all__ = [
     "ESTIMATORS",
     "make_estimator",
     "quality",
+    "REGIMES",
     "max_correlation",
     "Exploration",
     "explore",
@@ -258,6 +260,33 @@ def make_data(n, a_s, a_d, noise_mean=0.0, noise_std=1.0, seed=None):
     y = rng.uniform(-1.0, 1.0, size=n)
     eps = rng.normal(noise_mean, noise_std, size=n)
     s = np.outer(y, a_s)
+    d = np.outer(eps, a_d)
+    return ToyData(x=s + d, y=y, s=s, d=d)
+
+
+def make_two_sided_data(n, a_pos, a_neg, a_d, noise_mean=0.0, noise_std=1.0, seed=None):
+    """Samples of a toy whose signal is *nonlinear* in ``y``: it turns at ``y = 0``.
+
+    ``x = a_+ y + a_d eps`` for ``y > 0`` and ``x = a_- y + a_d eps`` otherwise, with
+    ``y ~ U[-1, 1]`` and ``eps ~ N(nu, sigma^2)`` as in :func:`make_data`. No single
+    pattern describes both halves; the two-component estimator, one pattern per side of
+    ``w^T x = 0``, can. The filter learned by least squares recovers ``y`` only
+    approximately.
+
+    Returns
+    -------
+    ToyData
+    """
+    a_pos, a_neg, a_d = (_as_vector(v, name) for v, name in
+                         ((a_pos, "a_pos"), (a_neg, "a_neg"), (a_d, "a_d")))
+    if not a_pos.size == a_neg.size == a_d.size:
+        raise ValueError(f"a_pos, a_neg and a_d must have one length D; got {a_pos.size}, "
+                         f"{a_neg.size}, {a_d.size}")
+    n = _as_count(n)
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(-1.0, 1.0, size=n)
+    eps = rng.normal(noise_mean, noise_std, size=n)
+    s = np.where((y > 0)[:, None], np.outer(y, a_pos), np.outer(y, a_neg))
     d = np.outer(eps, a_d)
     return ToyData(x=s + d, y=y, s=s, d=d)
 
@@ -659,7 +688,11 @@ def max_correlation(d, y, variance_scale=None):
     return float(np.sqrt(np.clip(r_squared, 0.0, 1.0)))
 
 
-def quality(estimator, x, w):
+#: Over which samples :func:`quality` measures: all, or those with ``w^T x > 0``.
+REGIMES = ("all", "active")
+
+
+def quality(estimator, x, w, regime="all"):
     """Signal-estimator quality ``rho(S) = 1 - max_v corr(v^T d, y)``.
 
     With ``d = x - S(x)`` and ``y = w^T x``: if any linear read-out of the estimated
@@ -677,6 +710,11 @@ def quality(estimator, x, w):
         Inputs, ``n >= D + 1``.
     w : array_like, shape (D,)
         The filter the estimator was fitted with.
+    regime : {"all", "active"}
+        ``"all"`` (default): over all samples of ``x``. ``"active"``: only over the
+        samples with ``y = w^T x > 0``, the ones a ReLU after the neuron passes on and
+        the ones the two-component estimator's ``a_+`` is fitted for (the toy has no
+        bias, so active means ``y > 0``).
 
     Returns
     -------
@@ -686,7 +724,7 @@ def quality(estimator, x, w):
     ------
     UndefinedQualityError
         For the identity estimator (its distractor is 0), and whenever the distractor or
-        the output has zero variance on ``x``.
+        the output has zero variance on the samples measured.
     NotFittedError
         If the estimator is not fitted.
     ValueError
@@ -700,6 +738,14 @@ def quality(estimator, x, w):
     _check_enough_samples(n, dim)
     if w.shape != fitted_w.shape or not np.allclose(w, fitted_w, rtol=1e-10, atol=0):
         raise ValueError("w differs from the filter the estimator was fitted with")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
+    if regime == "active":
+        x = x[x @ w > 0]
+        if len(x) < dim + 1:
+            raise UndefinedQualityError(
+                f"only {len(x)} of the samples have w^T x > 0; the active regime needs at "
+                f"least D + 1 = {dim + 1}")
     y = x @ w
     x_variance = _total_variance(x)
     if np.var(y) <= _ZERO_VARIANCE_RTOL * (w @ w) * x_variance:

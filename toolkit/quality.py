@@ -23,13 +23,18 @@ Memory: the shared moment is ``D x D`` float64 per layer (``D`` the patch size):
 5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3 convolution;
 the closed form holds up to four such matrices. Use ``layers=`` to measure a subset and
 ``device=`` to compute on a GPU; ``benchmarks/layer_quality.py`` times a model.
+
+``layer_quality(..., regime="active")`` measures each neuron only over the samples where
+it is active (``z > 0``), from per-neuron active moments (:class:`ActiveLayerMoments`,
+``K x D x D`` for ``K`` measured neurons; ``neurons=`` measures a reproducible subset of
+a big layer): docs/math.md, section 4.6.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +56,9 @@ __all__ = [
     "filter_pattern",
     "estimator_patterns",
     "rho_from_moments",
+    "rho_active_from_moments",
+    "ActiveLayerMoments",
+    "REGIMES",
     "collect_moments",
     "unexplained_linear",
     "unexplained_two_sided",
@@ -58,6 +66,12 @@ __all__ = [
 
 #: Estimators ``layer_quality`` measures, in the order of the paper's figure.
 ESTIMATORS = ("random", "filter", "linear", "two_component")
+
+#: Over which samples each neuron is measured: all of them, or those where it is active.
+REGIMES = ("all", "active")
+#: The active regime's per-neuron moments of a layer may hold at most this many float64
+#: numbers (``K D^2``, 1 GiB); beyond it ``layer_quality`` asks for ``neurons=``.
+ACTIVE_MOMENT_ELEMENTS = 2 ** 27
 
 #: At most this many float64 numbers of unfolded patches are held at a time.
 PATCH_CHUNK_ELEMENTS = 2 ** 24
@@ -266,6 +280,73 @@ class LayerMoments:
         self.sum_y_neg += y_neg.sum(0)
         self.sum_y_neg2 += (y_neg * y_neg).sum(0)
         self.sum_xy_pos.addmm_(y_pos.T, patches)
+
+
+@dataclass
+class ActiveLayerMoments(LayerMoments):
+    """:class:`LayerMoments` plus, for selected neurons, the moments of their *active* samples.
+
+    The active regime measures each neuron only on the samples where it is active
+    (``z > 0``, bias included, the mask of fitting); each neuron has its own samples and
+    so its own input covariance. Relative to the same ``shift`` as the shared sums::
+
+        neurons     (K,)       indices of the neurons measured (int64, sorted)
+        n_act       (K,)       samples with z_k > 0
+        sum_x_act   (K, D)     sum over them of x - shift
+        sum_xx_act  (K, D, D)  sum over them of (x - shift)(x - shift)^T
+
+    ``sum_xx_act`` is ``8 K D^2`` bytes, which is why only ``K`` of the ``J`` neurons
+    may be chosen (see :func:`layer_quality`'s ``neurons``). Per sample it costs
+    ``D^2`` multiply-adds for every measured neuron that is active on it.
+    The interface is that of :class:`LayerMoments`: ``update(layer, x, z)`` and
+    ``all_reduce()``.
+    """
+
+    neurons: Tensor
+    n_act: Tensor
+    sum_x_act: Tensor
+    sum_xx_act: Tensor
+
+    @classmethod
+    def zeros(cls, dim: int, neurons: int, device=None, measured: Tensor | None = None
+              ) -> "ActiveLayerMoments":
+        """Empty sums; ``measured`` are the indices of the neurons measured (default all)."""
+        shared = LayerMoments.zeros(dim, neurons, device)
+        index = torch.arange(neurons) if measured is None else torch.as_tensor(measured).long()
+        k = index.numel()
+        kw = dict(dtype=torch.float64, device=device)
+        return cls(**{f.name: getattr(shared, f.name) for f in fields(LayerMoments)},
+                   neurons=index.to(device), n_act=torch.zeros(k, **kw),
+                   sum_x_act=torch.zeros(k, dim, **kw), sum_xx_act=torch.zeros(k, dim, dim, **kw))
+
+    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
+        """Add one batch to the shared sums and to the active sums of the measured neurons."""
+        super().update(layer, x, z)  # sets the shift on the first batch
+        images = x.shape[0]
+        per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)
+        chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
+        for start in range(0, images, chunk):
+            patches = layer_patches(layer, x[start:start + chunk].to(torch.float64)) - self.shift
+            values = layer.neuron_values(z[start:start + chunk].detach())
+            active = values[:, self.neurons.to(values.device)].to(patches.device) > 0
+            self.n_act += active.sum(0)
+            self.sum_x_act.addmm_(active.T.to(patches.dtype), patches)
+            for k in range(active.shape[1]):
+                rows = patches[active[:, k]]
+                self.sum_xx_act[k].addmm_(rows.T, rows)
+
+    def reshift(self, shift: Tensor) -> None:
+        delta = self.shift - shift
+        outer = self.sum_x_act[:, :, None] * delta[None, None, :]
+        self.sum_xx_act += outer + outer.transpose(1, 2) \
+            + self.n_act[:, None, None] * torch.outer(delta, delta)
+        self.sum_x_act += self.n_act[:, None] * delta
+        super().reshift(shift)
+
+    def all_reduce(self) -> None:
+        self.reshift(broadcast_from_rank_0(self.shift.clone()))
+        sum_over_ranks(getattr(self, f.name) for f in fields(self)
+                       if f.name not in ("shift", "neurons"))
 
 
 @dataclass
@@ -530,6 +611,90 @@ def _rho_block(cov: _Covariances, whitening: _Whitening, w: Tensor, rows: slice,
     return rho, defined
 
 
+def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
+                            patterns: dict[str, tuple[Tensor, Tensor]], *, ridge: float = 0.0,
+                            rtol: float = 1e-12) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``rho`` of the measured neurons on their active samples, for every estimator.
+
+    On the samples where neuron ``j`` is active every estimator of the table above is
+    linear-type, ``S(x) = a_+ y``, so its distractor is ``d = (I - a_+ w^T) x`` and,
+    with ``Sigma_j`` the covariance of the inputs over the neuron's active samples::
+
+        1 - R^2 = (w^T a_+)^2 / ((a_+^T Sigma_j^-1 a_+) (w^T Sigma_j w))
+
+    (0 if ``w^T a_+ != 1``). ``Sigma_j`` gets the same eigenvalue floor and optional
+    ridge as ``Sigma_x`` in the all-samples regime, one batched Cholesky factorisation
+    per neuron (``K D^3 / 3``). A neuron is undefined (NaN) where it has at most
+    ``D + 1`` active samples (the read-out would fit ``y`` perfectly: ``rho = 0`` for any
+    estimator), where ``y`` or the distractor has no variance on its active samples.
+
+    Returns
+    -------
+    rho, defined : dict[str, Tensor]
+        ``(J,)`` per estimator, on the CPU; neurons not in ``moments.neurons`` are NaN
+        and not defined.
+    """
+    index = moments.neurons.cpu()
+    j_all, dim = weight.shape[0], moments.dim
+    n = moments.n_act
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    mean = moments.sum_x_act / safe_n[:, None]
+    sigma = moments.sum_xx_act / safe_n[:, None, None] - mean[:, :, None] * mean[:, None, :]
+    w = _rows(weight).to(sigma.device)[index.to(sigma.device)]
+    var_y = ((w[:, None, :] @ sigma @ w[:, :, None])[:, 0, 0])
+    trace_x = sigma.diagonal(dim1=1, dim2=2).sum(1)
+    factor, jitter = _batched_cholesky(sigma, ridge, rtol)
+    var_f = var_y + jitter * (w * w).sum(1)
+    enough = n > dim + 1
+    y_constant = var_y <= ZERO_VARIANCE_RTOL * (w * w).sum(1) * trace_x
+    rho, defined = {}, {}
+    for name, (a_pos, _) in patterns.items():
+        a = _rows(a_pos).to(sigma.device)[index.to(sigma.device)]
+        a_white = torch.linalg.solve_triangular(factor, a[:, :, None], upper=False)[:, :, 0]
+        gram = (a_white * a_white).sum(1)
+        w_dot_a = (a * w).sum(1)
+        kappa = 1 - w_dot_a
+        on_plane = kappa.abs() <= KAPPA_RTOL * a.norm(dim=1) * w.norm(dim=1)
+        e = unexplained_linear(gram, w_dot_a, var_f, on_plane)
+        # trace(Sigma_d) with Sigma_d = (I - a w^T) Sigma (I - w a^T)
+        sigma_w = (sigma @ w[:, :, None])[:, :, 0]
+        signal = (a * a).sum(1) * var_y
+        trace_d = trace_x - 2 * (a * sigma_w).sum(1) + signal
+        ok = enough & ~y_constant & (trace_d > ZERO_VARIANCE_RTOL * (trace_x + signal))
+        value = e / (1 + (1 - e).sqrt())
+        full = torch.full((j_all,), math.nan, dtype=torch.float64)
+        full[index] = torch.where(ok, value, torch.full_like(value, math.nan)).cpu()
+        mask = torch.zeros(j_all, dtype=torch.bool)
+        mask[index] = ok.cpu()
+        rho[name], defined[name] = full, mask
+    return rho, defined
+
+
+def _batched_cholesky(sigma: Tensor, ridge: float, rtol: float) -> tuple[Tensor, Tensor]:
+    """Cholesky factors of ``Sigma_k + jitter_k I`` for a batch ``(K, D, D)``, with the
+    floor and ridge of :class:`_Whitening` per matrix; returns ``(factors, jitter)``."""
+    k, dim = sigma.shape[0], sigma.shape[1]
+    trace = sigma.diagonal(dim1=1, dim2=2).sum(1)
+    v = torch.ones(k, dim, dtype=sigma.dtype, device=sigma.device)
+    v[:, 1::2] = 0.5
+    for _ in range(30):  # power iteration for lambda_max, as _largest_eigenvalue
+        v = (sigma @ v[:, :, None])[:, :, 0]
+        v = v / v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+    rayleigh = (v[:, None, :] @ sigma @ v[:, :, None])[:, 0, 0]
+    diagonal = sigma.diagonal(dim1=1, dim2=2)
+    largest = torch.maximum(rayleigh, torch.maximum(diagonal.max(1).values, diagonal.mean(1)))
+    jitter = rtol * largest + ridge * trace / dim
+    jitter = torch.where(trace > 0, jitter, torch.ones_like(jitter))  # a neuron with no samples
+    eye = torch.eye(dim, dtype=sigma.dtype, device=sigma.device)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(sigma + jitter[:, None, None] * eye)
+        bad = info != 0
+        if not bad.any():
+            return factor, jitter
+        jitter = torch.where(bad, 10 * jitter, jitter)
+    raise RuntimeError("could not factorise an active-sample input covariance (is it finite?)")
+
+
 def _distractor_constant(trace_x: Tensor, a: Tensor, c: Tensor, cov_y: Tensor) -> Tensor:
     """``trace(Sigma_d) <= ZERO_VARIANCE_RTOL * (trace(Sigma_x) + trace(cov(S(x))))``.
 
@@ -565,6 +730,11 @@ class QualityResult:
         Inputs per sample ``D``.
     ridge, seed : float, int
         The settings used.
+    regime : {"all", "active"}
+        Whether each neuron was measured over all samples or over its active ones.
+    neurons : dict[str, Tensor]
+        For the active regime, the indices of the neurons measured per layer (the others
+        are NaN and not counted as undefined); empty for the all-samples regime.
     """
 
     layers: list[str]
@@ -576,11 +746,18 @@ class QualityResult:
     dims: dict[str, int]
     ridge: float = 0.0
     seed: int = 0
+    regime: str = "all"
+    neurons: dict[str, Tensor] = field(default_factory=dict)
 
     def undefined(self, layer: str) -> int:
-        """The number of neurons of ``layer`` left out of the mean (any estimator)."""
+        """The number of measured neurons of ``layer`` left out of the mean (any estimator)."""
         masks = list(self.defined[layer].values())
-        return int((~torch.stack(masks).all(0)).sum()) if masks else 0
+        if not masks:
+            return 0
+        missing = ~torch.stack(masks).all(0)
+        if layer in self.neurons:
+            missing = missing[self.neurons[layer]]
+        return int(missing.sum())
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         """``{layer: {estimator: mean rho}}``."""
@@ -624,15 +801,21 @@ def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
 
 def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = None,
                     device=None, max_batches: int | None = None, progress: bool = True,
-                    batch_size: int = 64) -> tuple[Plan, dict[str, LayerMoments]]:
+                    batch_size: int = 64, accumulator=None) -> tuple[Plan, dict[str, LayerMoments]]:
     """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer
     (with :func:`toolkit.streaming.stream`).
 
     Returns the plan of the measured layers and their moments. See :func:`layer_quality`
-    for the parameters.
+    for the parameters. ``accumulator(layer, device)``, if given, builds a layer's
+    accumulator instead (anything with ``update(layer, x, z)`` and ``all_reduce()``, e.g.
+    :class:`ActiveLayerMoments`).
     """
-    def moments(layer: Layer) -> LayerMoments:
-        return LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features, _device(model, device))
+    target = _device(model, device)
+
+    def moments(layer: Layer):
+        if accumulator is not None:
+            return accumulator(layer, target)
+        return LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features, target)
 
     result = stream(model, data, moments, desc="layer quality", device=device, max_batches=max_batches,
                     progress=progress, layers=layers, batch_size=batch_size)
@@ -647,7 +830,7 @@ def _device(model: nn.Module, device) -> torch.device:
 def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = ESTIMATORS, *,
                   layers: Sequence[str] | None = None, device=None, max_batches: int | None = None,
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
-                  batch_size: int = 64) -> QualityResult:
+                  batch_size: int = 64, regime: str = "all", neurons=None) -> QualityResult:
     """Measure ``rho(S)`` of signal estimators for every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -655,9 +838,11 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     model : nn.Module
         A network of the supported modules (:data:`toolkit.layers.SUPPORTED_MODULES`),
         evaluated in eval mode; it is not changed.
-    patterns : toolkit.patterns.Patterns or None
+    patterns : toolkit.patterns.Patterns, mapping of them, or None
         Patterns fitted for ``model`` (checked); needed for ``linear`` and
-        ``two_component``, may be None for ``random`` and ``filter`` only.
+        ``two_component``, may be None for ``random`` and ``filter`` only. A mapping
+        ``{label: patterns}`` (e.g. the two ``mean_y`` conventions) is measured on one
+        pass over the data and gives ``{label: QualityResult}``.
     data : Tensor or iterable
         Inputs NOT used to fit the patterns: a tensor of inputs, or an iterable (e.g. a
         DataLoader) of tensors or ``(inputs, labels)`` pairs. The result does not depend
@@ -685,23 +870,50 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         module docstring).
     batch_size : int
         Batch size when ``data`` is a tensor.
+    regime : {"all", "active"}
+        ``"all"`` (default): each neuron over all samples. ``"active"``: each neuron
+        only over the samples where it is active (``z > 0``), the regime a ReLU passes
+        on and the one the two-component estimator is built for; on it every estimator
+        is ``S(x) = a_+ y`` (see :func:`rho_active_from_moments`). It streams, per
+        measured neuron, the moments of its active inputs (``K x D x D`` float64 per
+        layer); neurons with at most ``D + 1`` active samples are undefined.
+    neurons : int or dict, optional
+        Active regime only: which neurons to measure. None (default): all of them; an
+        int ``k``: at most ``k`` per layer, drawn without replacement by
+        ``torch.randperm(J, generator=torch.Generator().manual_seed(seed))`` and sorted
+        (reproducible); a dict ``{layer: indices or count}``: those indices, or that many
+        drawn as for an int (layers not in it: all). A
+        layer whose active moments would exceed :data:`ACTIVE_MOMENT_ELEMENTS` numbers
+        raises ``ValueError``: choose fewer neurons there.
 
     Returns
     -------
-    QualityResult
+    QualityResult, or a dict of them for a mapping of patterns
 
     Warns
     -----
     RuntimeWarning
         For layers with ``n <= D + 1`` samples, where ``max_v corr = 1`` trivially.
     """
-    estimators = _check_estimators(estimators, patterns)
+    several = isinstance(patterns, Mapping)
+    pattern_sets = dict(patterns) if several else {None: patterns}
+    if not pattern_sets:
+        raise ValueError("patterns is an empty mapping: give at least one set of patterns")
+    for p in pattern_sets.values():
+        estimators = _check_estimators(estimators, p)
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, not {ridge}")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
+    if neurons is not None and regime != "active":
+        raise ValueError("neurons= chooses the neurons of the active regime; pass regime='active'")
+    accumulator = _active_accumulator(neurons, seed) if regime == "active" else None
     plan, moments = collect_moments(model, data, layers=layers, device=device,
-                                    max_batches=max_batches, progress=progress, batch_size=batch_size)
-    if patterns is not None:
-        patterns.check(model, plan)
+                                    max_batches=max_batches, progress=progress, batch_size=batch_size,
+                                    accumulator=accumulator)
+    for p in pattern_sets.values():
+        if p is not None:
+            p.check(model, plan)
     few = [f"{layer.name} (n={int(moments[layer.name].n)}, D={moments[layer.name].dim})"
            for layer in plan if moments[layer.name].n <= moments[layer.name].dim + 1]
     if few and ridge == 0:
@@ -709,20 +921,78 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
             f"layers {', '.join(few)} have no more samples than inputs (n <= D + 1): the best "
             "linear read-out of the distractor fits y perfectly and rho is 0 whatever the "
             "estimator; measure on more data or set ridge > 0", RuntimeWarning, stacklevel=2)
+    results = {label: _evaluate(plan, moments, p, estimators, regime, seed, ridge, rtol)
+               for label, p in pattern_sets.items()}
+    return results if several else results[None]
 
-    per_neuron, defined, mean, samples, dims = {}, {}, {}, {}, {}
+
+def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], regime: str,
+              seed: int, ridge: float, rtol: float) -> QualityResult:
+    """``rho`` of every layer from its streamed moments, for one set of patterns."""
+    per_neuron, defined, mean, samples, dims, measured = {}, {}, {}, {}, {}, {}
     for layer in plan:
         weight = layer.weight().to(torch.float64)
         layer_patterns = patterns[layer.name] if patterns is not None else None
         directions = {name: estimator_patterns(name, weight, layer_patterns, seed)
                       for name in estimators}
         m = moments[layer.name]
-        per_neuron[layer.name], defined[layer.name] = rho_from_moments(
-            m, weight, directions, ridge=ridge, rtol=rtol)
+        if regime == "active":
+            per_neuron[layer.name], defined[layer.name] = rho_active_from_moments(
+                m, weight, directions, ridge=ridge, rtol=rtol)
+            measured[layer.name] = m.neurons.cpu()
+        else:
+            per_neuron[layer.name], defined[layer.name] = rho_from_moments(
+                m, weight, directions, ridge=ridge, rtol=rtol)
         mean[layer.name] = {name: _masked_mean(per_neuron[layer.name][name], defined[layer.name][name])
                             for name in estimators}
         samples[layer.name], dims[layer.name] = int(m.n), m.dim
-    return QualityResult(plan.names, estimators, per_neuron, defined, mean, samples, dims, ridge, seed)
+    return QualityResult(plan.names, estimators, per_neuron, defined, mean, samples, dims, ridge, seed,
+                         regime, measured)
+
+
+def _chosen_neurons(layer: Layer, neurons, seed: int) -> Tensor:
+    """The indices of ``layer``'s neurons that the active regime measures (sorted)."""
+    j = layer.out_features
+    if neurons is None:
+        return torch.arange(j)
+    if isinstance(neurons, bool) or not isinstance(neurons, (int, dict)):
+        raise TypeError(f"neurons must be None, an int or a dict {{layer: indices}}, not {neurons!r}")
+    if isinstance(neurons, int):
+        if neurons < 1:
+            raise ValueError(f"neurons must be a positive count, not {neurons}")
+        if neurons >= j:
+            return torch.arange(j)
+        order = torch.randperm(j, generator=torch.Generator().manual_seed(int(seed)))
+        return order[:neurons].sort().values
+    if layer.name not in neurons:
+        return torch.arange(j)
+    chosen = neurons[layer.name]
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        return _chosen_neurons(layer, chosen, seed)
+    index = torch.as_tensor(list(chosen), dtype=torch.long).unique()
+    if index.numel() == 0 or index.min() < 0 or index.max() >= j:
+        raise ValueError(f"neurons[{layer.name!r}] must be indices in [0, {j}), got {neurons[layer.name]}")
+    return index
+
+
+def _active_accumulator(neurons, seed: int):
+    """``accumulator(layer, device)`` for :func:`collect_moments` in the active regime."""
+    if isinstance(neurons, int) and not isinstance(neurons, bool) and neurons < 1:
+        raise ValueError(f"neurons must be a positive count, not {neurons}")
+
+    def build(layer: Layer, device) -> ActiveLayerMoments:
+        index = _chosen_neurons(layer, neurons, seed)
+        dim = layer.weight()[0].numel()
+        if index.numel() * dim * dim > ACTIVE_MOMENT_ELEMENTS:
+            raise ValueError(
+                f"layer {layer.name}: the active regime needs {index.numel()} x {dim} x {dim} "
+                f"float64 moments ({8 * index.numel() * dim * dim / 2 ** 30:.1f} GiB), more than "
+                f"{ACTIVE_MOMENT_ELEMENTS:,} numbers; measure fewer neurons there, e.g. "
+                f"neurons={max(1, ACTIVE_MOMENT_ELEMENTS // (dim * dim))} or "
+                f"neurons={{{layer.name!r}: [...]}}")
+        return ActiveLayerMoments.zeros(dim, layer.out_features, device, index)
+
+    return build
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> float:

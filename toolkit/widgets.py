@@ -30,7 +30,12 @@ from PIL import Image
 from toolkit.linear import ESTIMATORS, explore
 from toolkit.plotting.toy import plot_exploration
 
-__all__ = ["explorer", "PanelRenderer", "summary_table_html"]
+__all__ = ["explorer", "PanelRenderer", "summary_table_html", "FIGURE2_ANGLES", "INVALID_CLASS"]
+
+#: The distractor angles of the paper's Figure 2 (signal at 0 degrees), one button each.
+FIGURE2_ANGLES = (90, 45, 135, 30)
+#: CSS class the figure and the table carry while the setting is invalid.
+INVALID_CLASS = "explorer-invalid"
 
 # "two-component S_a+-" etc., plain text for the table and the dropdown
 _PLAIN_NAMES = {name: f"{name.replace('_', '-')} {cls.symbol}" for name, cls in ESTIMATORS.items()}
@@ -87,6 +92,26 @@ class PanelRenderer:
         for artist in moving:
             ax.draw_artist(artist)
 
+        return self._png()
+
+    def render_invalid(self, message="no filter exists for this setting"):
+        """A greyed, empty panel with ``message``, as PNG bytes (for an invalid setting)."""
+        self._window = None  # the next valid render redraws the static part
+        ax = self.axes
+        for artist in [*ax.collections, *ax.texts, *ax.lines, *ax.patches]:
+            artist.remove()
+        ax.set_title("")
+        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center",
+                wrap=True, color="0.3")
+        self.figure.set_facecolor("0.85")
+        ax.set_facecolor("0.85")
+        self.canvas.draw()
+        png = self._png()
+        self.figure.set_facecolor("white")
+        ax.set_facecolor("white")
+        return png
+
+    def _png(self):
         buffer = io.BytesIO()
         opaque = np.asarray(self.canvas.buffer_rgba())[..., :3]  # the figure has no alpha
         Image.fromarray(opaque).save(buffer, format="png", compress_level=1)
@@ -133,7 +158,8 @@ def summary_table_html(exploration):
 
 
 def _error_html(error):
-    return f"<p style='color:#b00'>Cannot fit this setting: {html.escape(str(error))}</p>"
+    return (f"<p style='color:#b00'>Cannot fit this setting: {html.escape(str(error))}</p>"
+            "<p style='color:#777'>(no filter, no patterns, no &rho; to show)</p>")
 
 
 def explorer(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=1.0, n=1000,
@@ -152,13 +178,15 @@ def explorer(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=
     ipywidgets.VBox
         The panel. For scripting and tests it also carries ``controls`` (the control
         widgets by the name of the :func:`~toolkit.linear.explore` argument they set),
-        ``image`` (the figure, an ``ipywidgets.Image``) and ``table`` (an
-        ``ipywidgets.HTML``).
+        ``buttons`` (one per distractor angle of Figure 2), ``image`` (the figure, an
+        ``ipywidgets.Image``) and ``table`` (an ``ipywidgets.HTML``). An invalid setting
+        (signal parallel to the distractor) greys the figure, replaces the table by the
+        reason and gives both the CSS class :data:`INVALID_CLASS`.
     """
     import ipywidgets as widgets
 
-    wide = {"description_width": "9em"}
-    slider = dict(style=wide, layout=widgets.Layout(width="22em"))
+    wide = {"description_width": "10em"}
+    slider = dict(style=wide, layout=widgets.Layout(width="30em"))
     controls = {
         "signal_angle": widgets.FloatSlider(
             value=signal_angle, min=0, max=180, step=1, description="signal angle °", **slider),
@@ -189,24 +217,45 @@ def explorer(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=
         try:
             result = explore(seed=seed, **settings)
         except ValueError as error:  # e.g. signal parallel to distractor
+            image.value = renderer.render_invalid()
             table.value = _error_html(error)
+            for widget in (image, table):
+                widget.add_class(INVALID_CLASS)
             return
         image.value = renderer.render(result)
         table.value = summary_table_html(result)
+        for widget in (image, table):
+            widget.remove_class(INVALID_CLASS)
 
     for control in controls.values():
         control.observe(update, names="value")
     update()
 
+    def figure2(angle):
+        def press(button):
+            with panel.hold_sync():
+                controls["signal_angle"].value = 0.0
+                controls["distractor_angle"].value = float(angle)
+        return press
+
+    buttons = []
+    for angle in FIGURE2_ANGLES:
+        button = widgets.Button(description=f"{angle}°", tooltip=f"signal at 0°, distractor at {angle}°",
+                                layout=widgets.Layout(width="4.5em"))
+        button.on_click(figure2(angle))
+        buttons.append(button)
+
     legend = widgets.HTML(
         "<small>Dots: samples x coloured by y (blue -1, red +1); black dots: the selected "
         "estimator's signal S(x). Arrows: signal a_s (green), distractor a_d (grey), "
         "filter w (red), pattern(s) (purple a / a+, orange a-).</small>",
-        layout=widgets.Layout(width="22em"),
+        layout=widgets.Layout(width="30em"),
     )
+    angles = widgets.HBox([widgets.Label("Figure 2 distractor:", layout=widgets.Layout(width="10em")),
+                           *buttons])
     panel = widgets.VBox([
-        widgets.HBox([widgets.VBox([*controls.values(), legend]), image]),
+        widgets.HBox([widgets.VBox([*controls.values(), angles, legend]), image]),
         table,
     ])
-    panel.controls, panel.image, panel.table = controls, image, table
+    panel.controls, panel.buttons, panel.image, panel.table = controls, buttons, image, table
     return panel

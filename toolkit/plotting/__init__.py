@@ -1,11 +1,12 @@
 """Figures in the style of the paper.
 
 ``toy``: the 2-D signal/distractor figures; ``images``: signals and heatmaps of
-images; ``evaluation``: layer quality and perturbation curves.
+images; ``evaluation``: layer quality and perturbation curves; ``style``: the resolution
+and font sizes of the course's figures.
 """
 from importlib import import_module
 
-_SUBMODULES = ("toy", "images", "evaluation")
+_SUBMODULES = ("toy", "images", "evaluation", "style")
 
 
 def __getattr__(name):

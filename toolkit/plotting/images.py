@@ -31,6 +31,7 @@ __all__ = [
     "heatmap",
     "input_image",
     "explanation_grid",
+    "prediction_labels",
     "KINDS",
 ]
 
@@ -239,10 +240,54 @@ def explanation_grid(images, explanations: Mapping[str, object], kinds: Mapping[
         for j, name in enumerate(names, start=1):
             _DRAW[kinds[name]](columns[name][i], axes[i, j])
         if row_labels is not None:
-            axes[i, 0].set_ylabel(row_labels[i])
+            axes[i, 0].set_ylabel(_fit_label(row_labels[i], size))
     for ax, header in zip(axes[0], headers):
         ax.set_title(header)
     return fig
+
+
+def prediction_labels(true, predicted, probability, classes: Sequence[str] | None = None) -> list[str]:
+    """Row labels ``"true - predicted (p)"``, as in the paper's Figure 6.
+
+    Parameters
+    ----------
+    true, predicted : sequence of int (or of str)
+        The true and the predicted class of each image (a class index is looked up in
+        ``classes``; its text up to the first comma is used).
+    probability : sequence of float
+        The predicted class's probability.
+    classes : sequence of str, optional
+        Class names by index.
+
+    Returns
+    -------
+    list of str
+    """
+    def name(c):
+        c = c.item() if hasattr(c, "item") else c
+        text = classes[c] if classes is not None and not isinstance(c, str) else str(c)
+        return text.split(",")[0]
+
+    true, predicted = list(true), list(predicted)
+    probability = [float(p) for p in probability]
+    if not len(true) == len(predicted) == len(probability):
+        raise ValueError(f"got {len(true)} true classes, {len(predicted)} predictions and "
+                         f"{len(probability)} probabilities")
+    return [f"{name(t)} - {name(p)} ({q:.2f})" for t, p, q in zip(true, predicted, probability)]
+
+
+def _fit_label(text: str, size: float) -> str:
+    """Break a long row label (``"true - predicted (p)"``) after its dash, so that it fits
+    beside a picture of ``size`` inches (about 9 characters per inch at 10 pt)."""
+    lines = str(text).split("\n")
+    fitted = []
+    for line in lines:
+        if len(line) > 9 * size and " - " in line:
+            head, tail = line.split(" - ", 1)
+            fitted += [f"{head} -", tail]
+        else:
+            fitted.append(line)
+    return "\n".join(fitted)
 
 
 def _batch(t, name: str, n: int | None = None) -> list:
