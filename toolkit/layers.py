@@ -423,7 +423,7 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
 
     try:
         with evaluation_mode(model), torch.no_grad():
-            Checker(module).run(example[:1])
+            Checker(module).run(example[:1].clone())
     except _Refused:
         raise UnsupportedLayerError(refused[0]) from None
     return True, relu_calls
@@ -470,7 +470,7 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     handles = [m.register_forward_hook(record(n)) for n, m in _leaf_modules(model)]
     try:
         with evaluation_mode(model), torch.no_grad():
-            model(example[:1])
+            model(example[:1].clone())
     finally:
         for h in handles:
             h.remove()
