@@ -390,6 +390,8 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
     """
     from torch import fx
 
+    if next(model.children(), None) is None:
+        return True, []  # a single module: nothing runs between modules
     tracer = fx.Tracer()
     tracer.record_stack_traces = True
     try:
