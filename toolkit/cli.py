@@ -331,6 +331,25 @@ def _read_patterns(path, model):
         return Patterns.load(path, model)
 
 
+def _check_model(model, data, dtype, device) -> None:
+    """Trace the model on the first input before the work starts: a module, a setting or
+    an operation in its forward that the rules do not cover is refused here
+    (:func:`toolkit.layers.trace`), and so is an input the model cannot take."""
+    import torch
+
+    from toolkit.layers import trace
+
+    example = data[:1] if isinstance(data, torch.Tensor) else data[0][0][None]
+    if not torch.is_tensor(example) or not example.is_floating_point():
+        return  # undecoded image bytes: the fit's first batch is traced instead
+    example = example.to(device=device, dtype=dtype)
+    try:
+        trace(model, example)
+    except RuntimeError as error:
+        raise CommandError(f"the model cannot run on inputs of shape {tuple(example.shape)}: "
+                           f"{_message(error)}") from error
+
+
 def _explainer(method: str, model, patterns, kind: str):
     """The explanation object for a --method name."""
     import toolkit.methods as methods
@@ -368,6 +387,7 @@ def _fit(args: argparse.Namespace) -> int:
         dtype = _dtype(args.dtype)
         model = _load_model_first_on_rank_0(args, rank, world, device, dtype)
         dataset = _dataset(args, default_split="train")
+        _check_model(model, dataset, dtype, device)
         data = _loader(args, dataset, dtype, distributed_=world > 1, device=device)
         if rank == 0:
             print(f"fitting patterns of {args.model} on {len(dataset):,} images"
@@ -406,6 +426,7 @@ def _quality(args: argparse.Namespace) -> int:
         model = _load_model_first_on_rank_0(args, rank, world, device, None)
         patterns = _read_patterns(args.patterns, model)
         dataset = _dataset(args, default_split="val")
+        _check_model(model, dataset, next(model.parameters()).dtype, device)
         data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=world > 1, device=device)
         kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
         result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
@@ -439,6 +460,7 @@ def _explain(args: argparse.Namespace) -> int:
     explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods}
     preprocessing = _preprocessing(args)
     images, names = read_images(args.images, preprocessing, device=device)
+    _check_model(model, images, images.dtype, device)
     with torch.no_grad():
         logits = torch.cat([model(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
     target = logits.argmax(1) if args.target is None else torch.full_like(logits[:, 0], args.target, dtype=torch.long)
@@ -490,6 +512,7 @@ def _perturbation(args: argparse.Namespace) -> int:
     methods = _method_list(args.methods, extra=("random",))
     explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods if m != "random"}
     dataset = _dataset(args, default_split="val")
+    _check_model(model, dataset, next(model.parameters()).dtype, device)
     data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=False, device=device)
     settings = dict(patch=args.patch, steps=args.steps, replace=args.replace, batch_size=args.batch_size,
                     progress=not args.quiet)
