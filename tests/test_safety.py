@@ -282,3 +282,23 @@ def test_attribute_works_under_inference_mode(dense, cls):
     assert torch.equal(result, expected)
     with torch.no_grad():
         assert torch.equal(method.attribute(x, 2), expected)
+
+
+def test_a_signal_that_dies_after_a_large_scale_stays_zero():
+    """A scale of 2**288 above (beyond float32 even in halves), a dead ReLU below: the
+    explanation is 0, not 0 * inf = NaN."""
+    model, _ = linear_chain([6] * 48)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), *model).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)  # every ReLU closed: the explanation is exactly 0
+    x = torch.full((2, 8), 1e-36)
+    result = Gradient(model).attribute(x, 0)
+    assert torch.equal(result, torch.zeros_like(x))
+    assert torch.equal(Gradient(model).attribute_scaled(x, 0).exact(), torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_lrpz_per_unit_refuses_a_zero_logit():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False)).eval()
+    with pytest.raises(ValueError, match=r"start='one' divides by the selected logit.*samples \[0\]"):
+        LRPZ(model, start="one").attribute(torch.zeros(1, 3), 0)

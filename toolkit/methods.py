@@ -134,8 +134,10 @@ class ScaledExplanation(NamedTuple):
     log2_scale: Tensor
 
     def exact(self, dtype=torch.float64) -> Tensor:
-        """``values * 2 ** log2_scale`` in ``dtype`` (inf where it does not fit)."""
-        return _times_power_of_two(self.values.to(dtype), self.log2_scale)
+        """``values * 2 ** log2_scale`` in ``dtype`` (inf where it does not fit, 0 where
+        ``values`` is 0)."""
+        values = self.values.to(dtype)
+        return torch.where(values == 0, values, _times_power_of_two(values, self.log2_scale))
 
 
 # ----------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ class Explainer:
                 "normalised to a peak |value| in [0.5, 1). attribute_scaled() gives every "
                 "sample with its scale (log2); a float64 model gives the exact values",
                 ExplanationScaleWarning, stacklevel=2)
-        exact = torch.where(fits, log2_scale, torch.zeros_like(log2_scale))
+        exact = torch.where(fits & ~zero, log2_scale, torch.zeros_like(log2_scale))
         return _times_power_of_two(values, exact)
 
     def attribute_scaled(self, inputs: Tensor, target: Target = None) -> ScaledExplanation:
@@ -784,7 +786,13 @@ class LRPZ(Explainer):
 
     def start_values(self, logits: Tensor) -> Tensor:
         # the gradient seed s gives output relevance logit * s
-        return torch.ones_like(logits) if self.start == "logit" else 1 / logits
+        if self.start == "logit":
+            return torch.ones_like(logits)
+        zero = (logits == 0).flatten().nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(f"LRPZ with start='one' divides by the selected logit, which is exactly 0 "
+                             f"for samples {zero[:10]}; use start='logit' for them")
+        return 1 / logits
 
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         return inputs * grad
