@@ -9,7 +9,9 @@ Every rank builds the same model and batches (seeded), initialises the process g
 with ``file://INIT_FILE`` and fits the patterns
 
 * ``dealt``   -- over a plain list of batches (``fit_patterns`` deals them round-robin),
-  and measures ``layer_quality`` of those patterns on the same dealt batches,
+  with checkpoints, and measures ``layer_quality`` of those patterns on the same dealt
+  batches; ``resumed`` reuses the finished checkpoints on the same data, ``other_data``
+  on other data (which must fail on every rank),
 * ``sampled`` -- over a DataLoader with a ``DistributedSampler`` (each rank its shard),
 * ``starved`` -- over a single batch, so one rank gets nothing: every rank must raise a
   clear error instead of hanging in the all-reduce,
@@ -95,8 +97,18 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = conv_net()
-        patterns = fit_patterns(model, batches(), progress=False)
+        patterns = fit_patterns(model, batches(), progress=False, checkpoint=out / "dealt.ckpt",
+                                checkpoint_every=2)
         patterns.save(out / f"dealt.rank{rank}.safetensors")
+        # the finished checkpoints, reused with the same data and with other data
+        again = fit_patterns(model, batches(), progress=False, checkpoint=out / "dealt.ckpt")
+        again.save(out / f"resumed.rank{rank}.safetensors")
+        try:
+            fit_patterns(model, [b + 1 for b in batches()], progress=False, checkpoint=out / "dealt.ckpt")
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        (out / f"other_data.rank{rank}.txt").write_text(message)
         save_file(quality_tensors(model, patterns), str(out / f"quality.rank{rank}.safetensors"))
 
         dataset = TensorDataset(images(N_IMAGES))

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from _distributed_fit import batches, conv_net, images
 from toolkit.layers import UnsupportedLayerError, trace
 from toolkit.linear import LinearEstimator, TwoComponentEstimator, fit_filter, make_data
-from toolkit.patterns import (PatternMismatchError, Patterns, Statistics, estimate_patterns,
-                              fingerprint, fit_patterns)
+from toolkit.patterns import (CheckpointMismatchError, PatternMismatchError, Patterns, Statistics,
+                              estimate_patterns, fingerprint, fit_patterns)
 
 KINDS = ("linear", "positive", "negative")
 HERE = Path(__file__).resolve().parent
@@ -207,7 +207,7 @@ def test_conv_net_matches_brute_force(mean_y):
     reference = brute_force_patterns(model, x, mean_y)
     assert patterns.names == ["conv1", "conv2", "fc"]
     for name, ref in reference.items():
-        stats = patterns.statistics[name].tensors()
+        stats = patterns.statistics[name].unshifted()
         expected = ref["statistics"]
         assert torch.equal(stats["n"], expected["n"]) and torch.equal(stats["n_pos"], expected["n_pos"])
         for key, t in expected.items():  # the streamed sums themselves
@@ -296,6 +296,21 @@ def test_two_processes_equal_one(tmp_path):
     for rank in range(2):  # one rank got no batch: a clear error on both, no hang
         message = (tmp_path / f"starved.rank{rank}.txt").read_text()
         assert "got no batches" in message, message
+    # checkpoints: one per rank, bound to the number of processes and to the data
+    for rank in range(2):
+        assert_identical(Patterns.load(tmp_path / f"resumed.rank{rank}.safetensors"),
+                         Patterns.load(tmp_path / f"dealt.rank{rank}.safetensors"))
+        message = (tmp_path / f"other_data.rank{rank}.txt").read_text()
+        assert "other data" in message or "another process" in message, message
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "dealt.rank0.ckpt"), framework="pt") as f:
+        assert f.metadata()["world"] == "2"
+    with pytest.raises(CheckpointMismatchError, match="several processes.*this fit has 1"):
+        fit(model, batches(), checkpoint=tmp_path / "dealt.ckpt")
+    from toolkit.streaming import Checkpoint
+    with pytest.raises(CheckpointMismatchError, match="2 processes, this fit has 3"):
+        Checkpoint.at(tmp_path / "dealt.ckpt", rank=0, world=3, every=1,
+                      model_fingerprint=fingerprint(model))
 
 
 class Interrupted(Exception):
@@ -406,9 +421,11 @@ def test_zero_denominator_keeps_raw_covariance():
     f64 = dict(dtype=torch.float64)
     # by hand: E[y] = -1; active: E_+[x] = (0, 2), E_+[x y] = 0; inactive: E_-[x] = (-2, 0),
     # E_-[x y] = (4, 0), cov_- = (2, 0), w^T cov_- = 2; all: cov = (2, 0) - (-1, 1)(-1) = (1, 1)
-    assert torch.equal(p.positive[0], torch.tensor([0.0, 2.0], **f64))
-    assert torch.equal(p.negative[0], torch.tensor([1.0, 0.0], **f64))
-    assert torch.equal(p.linear[0], torch.tensor([1.0, 1.0], **f64))
+    # (to rounding: the sums are of inputs shifted by the first batch's mean, 1/3 here)
+    exact = dict(rtol=0, atol=1e-15)
+    torch.testing.assert_close(p.positive[0], torch.tensor([0.0, 2.0], **f64), **exact)
+    torch.testing.assert_close(p.negative[0], torch.tensor([1.0, 0.0], **f64), **exact)
+    torch.testing.assert_close(p.linear[0], torch.tensor([1.0, 1.0], **f64), **exact)
     # the zero filter: y = 0 everywhere, every covariance is 0: zero patterns, no NaN
     for kind in KINDS:
         assert torch.equal(getattr(p, kind)[1], torch.zeros(2, **f64))
@@ -416,7 +433,7 @@ def test_zero_denominator_keeps_raw_covariance():
     assert patterns.report().splitlines()[2].split() == ["Linear", "2", "4", "0", "1", "2"]
     # the masked convention subtracts E_+[y] = 0: the same covariance, here also raw
     masked = fit(layer, [x], mean_y="masked")["Linear"]
-    assert torch.equal(masked.positive[0], torch.tensor([0.0, 0.0], **f64))
+    torch.testing.assert_close(masked.positive[0], torch.tensor([0.0, 0.0], **f64), **exact)
 
 
 # ----------------------------------------------------------------------------------
@@ -569,7 +586,6 @@ def test_unsupported_layer_is_named():
     ([], ValueError, "no batches"),
     (iter([]), ValueError, "no batches"),
     ([torch.empty(0, 3, 23, 23, dtype=torch.float64)], ValueError, "batch 0 holds no samples"),
-    (images(4), TypeError, "not a single tensor"),
     ([images(4).to(torch.int64)], TypeError, "floating point"),
     ([images(2), images(2).index_fill(2, torch.tensor([3]), float("nan"))], ValueError,
      "batch 1 contains NaN or Inf"),
@@ -590,4 +606,5 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mean_y must be one of"):
         fit(conv_net(), batches(), mean_y="median")
     with pytest.raises(ValueError, match="no samples"):
-        estimate_patterns(Statistics.zeros(torch.Size((2, 3))), torch.ones(2, 3))
+        layer = trace(nn.Linear(3, 2), torch.randn(1, 3)).layers[0]
+        estimate_patterns(Statistics(layer), torch.ones(2, 3))

@@ -93,7 +93,8 @@ def brute_force_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarray,
     yc = y - y.mean()
     if not yc.any():
         return math.nan  # y constant: rho undefined
-    coef, *_ = np.linalg.lstsq(d, yc, rcond=None)
+    # singular values below 1e-9 of the largest are rounding (constant inputs, w^T d ~ 0)
+    coef, *_ = np.linalg.lstsq(d, yc, rcond=1e-9)
     fitted = d @ coef
     if fitted @ fitted == 0:
         return 1.0

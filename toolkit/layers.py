@@ -178,6 +178,20 @@ class Layer:
             return g.T @ x
         return out.addmm_(g.T.to(out.dtype), x.to(out.dtype))
 
+    def cover_sums(self, spatial: torch.Size, g: Tensor) -> Tensor:
+        """:meth:`patch_sums` of an all-ones input (one channel, ``spatial`` size) for the
+        output-shaped ``g``: per row and kernel position, the sum of ``g`` over the
+        positions where the kernel covers the input rather than its zero padding.
+        Shaped ``(rows, 1, kh, kw)`` for a convolution, ``(rows, 1)`` for a Linear
+        layer (which has no padding: the plain sums of ``g``)."""
+        if self.is_conv:
+            m = self.module
+            ones = torch.ones((1, 1, *spatial), dtype=g.dtype, device=g.device)
+            shape = (g.shape[1], 1, *self.weight_shape[2:])
+            return torch.nn.grad.conv2d_weight(ones, shape, g.sum(0, keepdim=True), m.stride,
+                                               m.padding, m.dilation)
+        return g.reshape(-1, g.shape[-1]).sum(0)[:, None]
+
     def neuron_values(self, t: Tensor) -> Tensor:
         """Reshape an output-shaped tensor to ``(samples, neurons)``, one row per sample
         and spatial position."""

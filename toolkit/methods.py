@@ -267,6 +267,12 @@ class Explainer:
         return f"{type(self).__name__}({type(self.model).__name__}, start={self.start!r})"
 
     # -- the rules (overridden by the methods) --------------------------------------
+    @property
+    def _pattern_kind(self) -> str:
+        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
+        active neurons pass the signal, so ``a_-`` is never needed)."""
+        return "linear" if self.kind == "linear" else "positive"
+
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """Per layer name, the weight ``V`` of the backward step ``r -> V^T r``."""
         return {layer.name: layer.weight() for layer in plan}
@@ -612,12 +618,18 @@ class _PatternExplainer(Explainer):
                 raise PatternMismatchError(
                     f"no patterns for layer '{layer.name}'; the patterns hold {self.patterns.names}"
                 )
-            shape = self.patterns[layer.name].linear.shape
+            shape = getattr(self.patterns[layer.name], self._pattern_kind).shape
             if shape != layer.weight_shape:
                 raise PatternMismatchError(
                     f"the patterns of layer '{layer.name}' are shaped {tuple(shape)}, its weight "
                     f"{tuple(layer.weight_shape)}"
                 )
+
+    @property
+    def _pattern_kind(self) -> str:
+        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
+        active neurons pass the signal, so ``a_-`` is never needed)."""
+        return "linear" if self.kind == "linear" else "positive"
 
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """The rule weight of every layer, made from its pattern (cast to the dtype and
@@ -628,11 +640,10 @@ class _PatternExplainer(Explainer):
         use their linear pattern instead of ``a_+ = 0``."""
         key = (like.dtype, like.device, tuple(plan.names))
         if self._weights_cache is None or self._weights_cache[0] != key:
-            field = "linear" if self.kind == "linear" else "positive"
             dead = self.never_active_outputs(plan)
             weights = {}
             for layer in plan:
-                pattern = getattr(self.patterns[layer.name], field)
+                pattern = getattr(self.patterns[layer.name], self._pattern_kind)
                 if layer is plan.layers[-1] and dead.any() and self.never_active == "linear":
                     pattern = torch.where(dead.reshape(-1, *([1] * (pattern.dim() - 1))),
                                           self.patterns[layer.name].linear, pattern)
@@ -645,14 +656,10 @@ class _PatternExplainer(Explainer):
         data, as a bool tensor: their two-component pattern ``a_+`` is 0. Read from the
         fit's statistics (``n_pos == 0``) or, without statistics, from an all-zero row of
         ``a_+``. All False for ``kind="linear"``."""
-        last = plan.layers[-1]
-        if self.kind == "linear":
-            return torch.zeros(last.out_features, dtype=torch.bool)
-        stats = self.patterns.statistics.get(last.name)
-        if stats is not None:
-            return (stats.n_pos == 0).cpu().reshape(-1)
-        positive = self.patterns[last.name].positive
-        return (positive.reshape(positive.shape[0], -1) == 0).all(1).cpu()
+        dead = torch.zeros(plan.layers[-1].out_features, dtype=torch.bool)
+        if self.kind != "linear" and self.patterns.names[-1] == plan.layers[-1].name:
+            dead[self.patterns.inactive_outputs()] = True
+        return dead
 
     def _check_target(self, plan: Plan, target: Tensor, logits: Tensor) -> None:
         if self.never_active != "raise" or plan.layers[-1].out_features != logits.shape[1]:

@@ -33,157 +33,410 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import dataclass, fields
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world, sum_over_ranks
-from toolkit.streaming import progress_bar
-from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
+from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
+from toolkit.layers import Layer, Plan
+from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
 
 __all__ = [
+    "KINDS",
     "Statistics",
     "LayerPatterns",
     "Patterns",
     "PatternMismatchError",
+    "PatternFileError",
+    "CheckpointMismatchError",
+    "MissingPatternsError",
     "fit_patterns",
     "fingerprint",
     "estimate_patterns",
 ]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 MEAN_Y_CONVENTIONS = ("global", "masked")
-
-
-class PatternMismatchError(ValueError):
-    """Patterns were fitted for another model (architecture or weights differ)."""
 
 
 # ----------------------------------------------------------------------------------
 # streamed statistics
 # ----------------------------------------------------------------------------------
-@dataclass
+#: The kinds of pattern a fit can give: ``a`` of S_a, ``a_+`` and ``a_-`` of S_a+-.
+KINDS = ("linear", "positive", "negative")
+
+#: The dtypes the per-batch products may run in; ``"tf32"`` and bfloat16 only on CUDA.
+PRODUCT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, "tf32")
+
+
+def output_groups(kinds: Sequence[str]) -> tuple[str, ...]:
+    """Which channels the output-side buffer of a layer holds, for the patterns ``kinds``.
+
+    ``ones`` gives the sums of inputs; ``active`` (the mask ``z > 0``) the sums of the
+    inputs of active samples; ``y_pos`` / ``y_neg`` the products of the inputs with
+    ``y`` on the active / inactive samples; ``y_all`` with ``y`` on every sample (when
+    only the linear pattern is asked for). The inactive side is summed directly, never
+    as a difference of two large sums.
+    """
+    kinds = set(kinds)
+    if kinds == {"linear"}:
+        return ("ones", "y_all")
+    groups = ["ones", "active"]
+    if kinds & {"positive", "linear"}:
+        groups.append("y_pos")
+    if kinds & {"negative", "linear"}:
+        groups.append("y_neg")
+    return tuple(groups)
+
+
 class Statistics:
-    """Running float64 sums of one layer; everything the patterns are computed from.
+    """Running float64 sums of one layer; everything its patterns are computed from.
 
-    Shapes (``W`` is the layer's weight shape, ``J = W[0]`` the number of neurons)::
+    The inputs are *shifted* by a reference ``shift_x`` (per input channel: the mean of
+    the first batch) and the outputs ``y = w^T x`` by ``shift_y`` (per neuron), so every
+    sum is of quantities near zero: no ``E[x y] - E[x] E[y]`` ever cancels, and the
+    per-batch products can run in float32 (docs/math.md, section 2). For a convolution
+    the zero padding makes the shifted patch differ from the shifted input's patch; the
+    *cover* sums (the same products with an all-ones image) give the exact correction.
 
-        n          ()         samples seen (images x output positions)
-        sum_x      (1, *W[1:]) sum of inputs, shared by all neurons
-        sum_y      (J,)       sum of y_j = w_j^T x
-        sum_xy     W          sum of x y_j
-        n_pos      (J,)       samples with z_j > 0
-        sum_x_pos  W          sum of x over active samples
-        sum_y_pos  (J,)       sum of y_j over active samples
-        sum_xy_pos W          sum of x y_j over active samples
+    One batch costs one weight-gradient-shaped product per layer
+    (``torch.nn.grad.conv2d_weight``, or one matrix product for a Linear layer, whose
+    rows are gathered over several batches first) with one output channel per group of
+    :func:`output_groups` and neuron: ``3 J + 1`` for all three patterns, ``2 J + 1``
+    for the positive one alone.
+
+    Stored tensors (``W`` the weight shape, ``J = W[0]``, ``R`` a group's rows: 1 for
+    ``ones``, ``J`` otherwise)::
+
+        n             ()              samples seen (images x output positions)
+        shift_x       (1, C, 1, 1) or (1, D)
+        shift_y       (J,)
+        sum_y         (J,)            sum of y - shift_y over all samples
+        x.<group>     (R, *W[1:])     sum of group value x (x - shift_x), patch by patch
+        cover.<group> (R, 1, kh, kw) or (R, 1): the same with an all-ones input
+        total.<group> (R,)            sum of the group value
     """
 
-    n: Tensor
-    sum_x: Tensor
-    sum_y: Tensor
-    sum_xy: Tensor
-    n_pos: Tensor
-    sum_x_pos: Tensor
-    sum_y_pos: Tensor
-    sum_xy_pos: Tensor
+    def __init__(self, layer: Layer, kinds: Sequence[str] = KINDS, dtype=None,
+                 gather_rows: int = 1024):
+        self.kinds = tuple(k for k in KINDS if k in kinds)
+        self.groups = output_groups(self.kinds)
+        self.dtype = dtype
+        self.gather_rows = gather_rows
+        self.is_conv = layer.is_conv
+        self.weight_shape = tuple(layer.weight_shape)
+        self.tensors_: dict[str, Tensor] = {}
+        self._rows: list[tuple[Tensor, Tensor]] = []
 
-    @classmethod
-    def zeros(cls, weight_shape: torch.Size, device=None) -> "Statistics":
-        kw = dict(dtype=torch.float64, device=device)
-        j = weight_shape[0]
-        return cls(
-            n=torch.zeros((), **kw),
-            sum_x=torch.zeros((1, *weight_shape[1:]), **kw),
-            sum_y=torch.zeros(j, **kw),
-            sum_xy=torch.zeros(weight_shape, **kw),
-            n_pos=torch.zeros(j, **kw),
-            sum_x_pos=torch.zeros(weight_shape, **kw),
-            sum_y_pos=torch.zeros(j, **kw),
-            sum_xy_pos=torch.zeros(weight_shape, **kw),
-        )
+    # -- the accumulator interface of toolkit.streaming ----------------------------
+    def settings(self) -> dict:
+        return {"kinds": list(self.kinds)}
+
+    def state(self) -> dict[str, Tensor]:
+        self.flush()
+        return dict(self.tensors_)
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors_ = dict(tensors)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return self.state()
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> "Statistics":
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+    def from_tensors(cls, tensors: dict[str, Tensor], kinds: Sequence[str] = KINDS) -> "Statistics":
+        """Statistics from the tensors of :meth:`tensors` (a file, a checkpoint)."""
+        stats = cls.__new__(cls)
+        stats.kinds = tuple(k for k in KINDS if k in kinds)
+        stats.groups, stats.dtype, stats.gather_rows = output_groups(stats.kinds), None, 1024
+        stats.is_conv = tensors["shift_x"].dim() == 4
+        stats.weight_shape = (tensors["sum_y"].shape[0], *tensors["x.ones"].shape[1:])
+        stats.tensors_, stats._rows = dict(tensors), []
+        return stats
 
-    def to(self, device) -> "Statistics":
-        return Statistics(**{k: v.to(device) for k, v in self.tensors().items()})
+    def __getitem__(self, key: str) -> Tensor:
+        return self.tensors_[key]
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor, dtype=torch.float64) -> None:
-        """Add one batch: layer input ``x`` and layer output ``z`` (bias included).
+    @property
+    def n(self) -> Tensor:
+        return self.tensors_["n"]
 
-        The per-batch products are computed in ``dtype`` and added to the float64 sums.
-        A convolution costs one ``conv2d_weight`` call: the four weight-shaped sums share
-        one unfolding of the input, their output gradients ``(1, active, y active, y)``
-        are written into one buffer of ``3 J + 1`` channels. A Linear layer costs four
-        in-place ``addmm``.
-        """
-        x = x.detach().to(dtype)
-        z = z.detach()
-        bias = layer.bias().to(dtype)
-        j = self.sum_y.shape[0]
-        if layer.is_conv:
-            g = torch.empty((z.shape[0], 3 * j + 1, *z.shape[2:]), dtype=dtype, device=z.device)
-            g[:, 0].fill_(1)
-            active, y_active, y = g[:, 1:1 + j], g[:, 1 + j:1 + 2 * j], g[:, 1 + 2 * j:]
-            y.copy_(z).sub_(bias[:, None, None])
-            active.copy_(z > 0)
-            torch.mul(y, active, out=y_active)
-            sums = layer.patch_sums(x, g)
-            self.sum_x.add_(sums[:1])
-            self.sum_x_pos.add_(sums[1:1 + j])
-            self.sum_xy_pos.add_(sums[1 + j:1 + 2 * j])
-            self.sum_xy.add_(sums[1 + 2 * j:])
-            per_neuron = g.sum((0, 2, 3), dtype=torch.float64)
-            self.n += z.numel() // j
-            self.n_pos += per_neuron[1:1 + j]
-            self.sum_y_pos += per_neuron[1 + j:1 + 2 * j]
-            self.sum_y += per_neuron[1 + 2 * j:]
-            return
+    @property
+    def n_pos(self) -> Tensor:
+        """Samples on which each neuron was active."""
+        if "total.active" in self.tensors_:
+            return self.tensors_["total.active"]
+        raise MissingPatternsError("these statistics were collected for the linear pattern "
+                                   "only, which does not count active samples")
+
+    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
+        """Add one batch: layer input ``x`` and layer output ``z`` (bias included)."""
+        dtype = _product_dtype(self.dtype, x)
+        x, z = x.detach(), z.detach()
+        if not self.tensors_:
+            self._start(layer, x, z, dtype)
+        t = self.tensors_
+        x_shifted = x.to(dtype) - t["shift_x"].to(dtype)
+        offset = (layer.bias().double() + t["shift_y"]).to(dtype)
         z = z.to(dtype)
-        y = z - bias
-        active = (z > 0).to(dtype)
-        y_active = y * active
-        layer.patch_sums(x, torch.ones_like(z.narrow(-1, 0, 1)), out=self.sum_x)
-        layer.patch_sums(x, active, out=self.sum_x_pos)
-        layer.patch_sums(x, y_active, out=self.sum_xy_pos)
-        layer.patch_sums(x, y, out=self.sum_xy)
-        samples = tuple(range(z.dim() - 1))
-        self.n += z.numel() // j
-        self.n_pos += active.sum(samples, dtype=torch.float64)
-        self.sum_y_pos += y_active.sum(samples, dtype=torch.float64)
-        self.sum_y += y.sum(samples, dtype=torch.float64)
+        with _tf32(self.dtype == "tf32"):
+            if self.is_conv:
+                self._add_conv(layer, x_shifted, z, offset, dtype)
+            else:
+                self._add_rows(x_shifted, z, offset, dtype)
+        samples = z.numel() // z.shape[1 if self.is_conv else -1]
+        t["n"] += samples
+        dims = (0, 2, 3) if self.is_conv else tuple(range(z.dim() - 1))
+        t["sum_y"] += z.sum(dims, dtype=torch.float64) - samples * offset.double()
+
+    def flush(self) -> None:
+        """Add the gathered rows of a Linear layer to the sums."""
+        if not self._rows:
+            return
+        xs = torch.cat([r[0] for r in self._rows])
+        gs = torch.cat([r[1] for r in self._rows])
+        self._rows = []
+        with _tf32(self.dtype == "tf32"):
+            start = 0
+            for group in self.groups:
+                rows = 1 if group == "ones" else self.weight_shape[0]
+                self.tensors_[f"x.{group}"].add_(gs[:, start:start + rows].T @ xs)
+                start += rows
 
     def all_reduce(self) -> None:
-        """Sum the statistics of all ``torch.distributed`` ranks, in place."""
-        sum_over_ranks(self.tensors().values())
+        """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
+        every rank's sums to rank 0's shifts (exactly)."""
+        self.flush()
+        t = self.tensors_
+        self.reshift(broadcast_from_rank_0(t["shift_x"].clone()), broadcast_from_rank_0(t["shift_y"].clone()))
+        sum_over_ranks(v for k, v in self.tensors_.items() if not k.startswith("shift"))
+
+    def to(self, device) -> "Statistics":
+        self.flush()
+        return Statistics.from_tensors({k: v.to(device) for k, v in self.tensors_.items()}, self.kinds)
+
+    # -- the sums of one batch -----------------------------------------------------
+    def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype) -> None:
+        """Empty sums; the shifts are the first batch's means, rounded to the products'
+        dtype so that the shifted values and the exact corrections use the same ones."""
+        kw = dict(dtype=torch.float64, device=z.device)
+        j, shape = self.weight_shape[0], self.weight_shape
+        if self.is_conv:
+            shift_x = x.mean((0, 2, 3), dtype=torch.float64).reshape(1, -1, 1, 1)
+            y_mean = z.mean((0, 2, 3), dtype=torch.float64)
+            cover_shape = (1, *shape[2:])
+        else:
+            shift_x = x.reshape(-1, x.shape[-1]).mean(0, dtype=torch.float64)[None]
+            y_mean = z.reshape(-1, z.shape[-1]).mean(0, dtype=torch.float64)
+            cover_shape = (1,)
+        bias = layer.bias().double()
+        offset = y_mean.to(dtype).double()           # b + shift_y, exactly representable
+        t = {"n": torch.zeros((), **kw), "shift_x": shift_x.to(dtype).double(),
+             "shift_y": offset - bias, "sum_y": torch.zeros(j, **kw)}
+        for group in self.groups:
+            rows = 1 if group == "ones" else j
+            t[f"x.{group}"] = torch.zeros((rows, *shape[1:]), **kw)
+            t[f"cover.{group}"] = torch.zeros((rows, *cover_shape), **kw)
+            t[f"total.{group}"] = torch.zeros(rows, **kw)
+        self.tensors_ = t
+
+    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int) -> None:
+        """Write the groups' values into ``g`` (``channel`` is the dimension of the
+        neurons) with few passes: the mask, then ``y - shift_y`` and its two sides."""
+        j = self.weight_shape[0]
+        parts, start = {}, 0
+        for group in self.groups:
+            rows = 1 if group == "ones" else j
+            parts[group] = g.narrow(channel, start, rows)
+            start += rows
+        shape = [1] * z.dim()
+        shape[channel] = j
+        offset = offset.reshape(shape)
+        parts["ones"].fill_(1)
+        if "y_all" in parts:
+            torch.sub(z, offset, out=parts["y_all"])
+            return
+        torch.gt(z, 0, out=parts["active"])
+        y_pos, y_neg = parts.get("y_pos"), parts.get("y_neg")
+        if y_pos is not None and y_neg is not None:
+            torch.sub(z, offset, out=y_neg)
+            torch.mul(y_neg, parts["active"], out=y_pos)
+            y_neg.sub_(y_pos)
+        elif y_pos is not None:
+            torch.sub(z, offset, out=y_pos).mul_(parts["active"])
+        elif y_neg is not None:
+            torch.sub(z, offset, out=y_neg)
+            y_neg.sub_(y_neg * parts["active"])
+
+    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype) -> None:
+        rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
+        g = torch.empty((z.shape[0], rows, *z.shape[2:]), dtype=dtype, device=z.device)
+        self._fill(g, z, offset, channel=1)
+        sums = layer.patch_sums(x, g)
+        per_position = g.sum(0, dtype=torch.float64)                   # (rows, H', W')
+        cover = layer.cover_sums(x.shape[2:], per_position[None])     # (rows, 1, kh, kw)
+        self._add_groups(sums, cover, per_position.sum((1, 2)))
+
+    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype) -> None:
+        x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
+        rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
+        g = torch.empty((z.shape[0], rows), dtype=dtype, device=z.device)
+        self._fill(g, z, offset, channel=1)
+        totals = g.sum(0, dtype=torch.float64)
+        self._add_groups(None, totals[:, None], totals)
+        self._rows.append((x, g))
+        if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
+            self.flush()
+
+    def _add_groups(self, sums: Tensor | None, cover: Tensor, totals: Tensor) -> None:
+        t, start = self.tensors_, 0
+        for group in self.groups:
+            rows = 1 if group == "ones" else self.weight_shape[0]
+            part = slice(start, start + rows)
+            if sums is not None:
+                t[f"x.{group}"].add_(sums[part])
+            t[f"cover.{group}"].add_(cover[part])
+            t[f"total.{group}"].add_(totals[part])
+            start += rows
+
+    # -- exact re-expression -------------------------------------------------------
+    def reshift(self, shift_x: Tensor, shift_y: Tensor) -> None:
+        """Express the sums relative to other shifts, exactly (every sum is a polynomial
+        in the shifts), so that sums of different processes can be added."""
+        t = dict(self.tensors_)
+        dx = t["shift_x"] - shift_x                 # x - new = (x - old) + dx on covered positions
+        dy = (t["shift_y"] - shift_y)               # y - new = (y - old) + dy
+        new = dict(t)
+        for group in self.groups:
+            new[f"x.{group}"] = t[f"x.{group}"] + dx * t[f"cover.{group}"]
+        side = {"y_pos": "active", "y_neg": None, "y_all": "ones"}
+        for group in ("y_pos", "y_neg", "y_all"):
+            if group not in self.groups:
+                continue
+            x_side, cover_side, total_side = self._side(t, side[group])
+            d = dy.reshape(-1, *([1] * (x_side.dim() - 1)))
+            new[f"x.{group}"] = new[f"x.{group}"] + d * (x_side + dx * cover_side)
+            new[f"cover.{group}"] = t[f"cover.{group}"] + d * cover_side
+            new[f"total.{group}"] = t[f"total.{group}"] + dy * total_side
+        new["sum_y"] = t["sum_y"] + t["n"] * dy
+        new["shift_x"], new["shift_y"] = shift_x.clone(), shift_y.clone()
+        self.tensors_ = new
+
+    @staticmethod
+    def _side(t: dict, group: str | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums of x, cover and count over the samples of one side (None: inactive)."""
+        if group is not None:
+            return t[f"x.{group}"], t[f"cover.{group}"], t[f"total.{group}"]
+        return (t["x.ones"] - t["x.active"], t["cover.ones"] - t["cover.active"],
+                t["total.ones"] - t["total.active"])
+
+    def unshifted(self) -> dict[str, Tensor]:
+        """The plain sums, ``sum x``, ``sum x y``, ``sum_+ x y``, ... (float64), computed
+        exactly from the shifted ones: for checks, and to compare with other code."""
+        t = self.tensors_
+        mu, nu = t["shift_x"], t["shift_y"]
+
+        def x_sum(group):      # sum over the group of h x  (h = the group's value)
+            return t[f"x.{group}"] + mu * t[f"cover.{group}"]
+
+        out = {"n": t["n"], "sum_x": x_sum("ones"), "sum_y": t["sum_y"] + t["n"] * nu}
+        if "active" in self.groups:
+            col = nu.reshape(-1, *([1] * (t["x.active"].dim() - 1)))
+            out["n_pos"] = t["total.active"]
+            out["sum_x_pos"] = x_sum("active")
+            if "y_pos" in self.groups:
+                out["sum_y_pos"] = t["total.y_pos"] + t["total.active"] * nu
+                out["sum_xy_pos"] = x_sum("y_pos") + col * out["sum_x_pos"]
+            if "y_neg" in self.groups:
+                sum_x_neg = out["sum_x"] - out["sum_x_pos"]
+                out["sum_xy_neg"] = x_sum("y_neg") + col * sum_x_neg
+            if "y_pos" in self.groups and "y_neg" in self.groups:
+                out["sum_xy"] = out["sum_xy_pos"] + out["sum_xy_neg"]
+        else:
+            col = nu.reshape(-1, *([1] * (t["x.y_all"].dim() - 1)))
+            out["sum_xy"] = x_sum("y_all") + col * out["sum_x"]
+        return out
+
+
+def _product_dtype(requested, x: Tensor) -> torch.dtype:
+    if requested is None:
+        return x.dtype
+    return torch.float32 if requested == "tf32" else requested
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TF32 matrix products and convolutions on CUDA for the block."""
+    if not enabled:
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def check_product_dtype(dtype, device: torch.device):
+    """Validate ``compute_dtype``: None (the model's dtype), float32, float64, or on CUDA
+    ``"tf32"`` and bfloat16; float16 and integer dtypes are refused."""
+    if dtype is None or dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in ("tf32", torch.bfloat16):
+        if device.type != "cuda":
+            raise ValueError(f"compute_dtype={dtype!r} is for CUDA devices only; on {device.type} "
+                             "use torch.float32 or torch.float64")
+        return dtype
+    raise ValueError(f"compute_dtype must be None (the model's dtype), torch.float32, "
+                     f"torch.float64, or on CUDA 'tf32' or torch.bfloat16, not {dtype!r}: "
+                     "float16 loses too many digits for the sums' products")
 
 
 # ----------------------------------------------------------------------------------
 # from statistics to patterns
 # ----------------------------------------------------------------------------------
-@dataclass
+class MissingPatternsError(ValueError):
+    """A Patterns object lacks a kind of pattern that a computation needs."""
+
+
 class LayerPatterns:
     """The patterns of one layer, each shaped like the layer's weight (float64).
 
     ``linear`` is ``a`` of the linear estimator S_a; ``positive`` and ``negative`` are
-    ``a_+`` and ``a_-`` of the two-component estimator S_a+-.
+    ``a_+`` and ``a_-`` of the two-component estimator S_a+-. A fit with ``kinds``
+    holds only those; asking for another raises :class:`MissingPatternsError`.
     """
 
-    linear: Tensor
-    positive: Tensor
-    negative: Tensor
+    def __init__(self, linear: Tensor | None = None, positive: Tensor | None = None,
+                 negative: Tensor | None = None, layer: str = ""):
+        self._tensors = {k: t for k, t in zip(KINDS, (linear, positive, negative)) if t is not None}
+        self.layer = layer
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self._tensors)
+
+    def get(self, kind: str) -> Tensor:
+        try:
+            return self._tensors[kind]
+        except KeyError:
+            where = f" of layer '{self.layer}'" if self.layer else ""
+            raise MissingPatternsError(
+                f"the patterns{where} hold only {list(self.kinds)}, not the {kind!r} pattern: fit "
+                f"them with fit_patterns(..., kinds=(..., {kind!r}))") from None
+
+    linear = property(lambda self: self.get("linear"))
+    positive = property(lambda self: self.get("positive"))
+    negative = property(lambda self: self.get("negative"))
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"linear": self.linear, "positive": self.positive, "negative": self.negative}
+        return dict(self._tensors)
 
 
 def _row_dots(w: Tensor, a: Tensor) -> Tensor:
@@ -196,21 +449,88 @@ def _row_dots(w: Tensor, a: Tensor) -> Tensor:
                                       dtype=np.float64))
 
 
-def _scales(denominator: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, what the unnormalised covariance ``C = sum_c x y - mean_y sum_c x`` is
-    multiplied by to give the pattern: ``1 / (w^T C)``; ``1 / count`` (the raw
-    covariance, the authors' fallback) where ``w^T C`` is exactly zero; 0 where
-    ``count`` is 0 (no samples: the zero pattern). Also returns the zero-denominator mask.
+#: A denominator ``w^T C`` below this share of ``|w| |C|`` counts as zero: the filter is
+#: orthogonal to the covariance up to rounding, and the pattern ``C / (w^T C)`` would be
+#: rounding noise scaled up by at least a million.
+ZERO_DENOMINATOR = 1e-6
+
+
+def _scales(denominator: Tensor, size: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, what the unnormalised covariance ``C`` is multiplied by to give the
+    pattern: ``1 / (w^T C)``; ``1 / count`` (the raw covariance, the authors' fallback)
+    where ``w^T C`` is zero (below ``ZERO_DENOMINATOR * size``, ``size = |w| |C|``); 0
+    where ``count`` is 0 (no samples: the zero pattern). Also returns the zero mask.
     """
-    zero = denominator == 0
+    zero = denominator.abs() <= ZERO_DENOMINATOR * size
     one = torch.ones_like(denominator)
     scale = torch.where(zero, one / count.clamp(min=1), one / torch.where(zero, one, denominator))
     return torch.where(count > 0, scale, torch.zeros_like(scale)), zero
 
 
+@dataclass
+class _Side:
+    """The sums of one component (all samples, active, inactive) of a layer, in the
+    terms of ``Statistics``: ``xy`` and ``x`` are lists of ``(sign, tensor)``."""
+
+    xy: list
+    x: list
+    cover_y: Tensor
+    cover: Tensor
+    count: Tensor
+    sum_y: Tensor
+
+
+def _sides(t: dict, groups: Sequence[str]) -> dict[str, _Side]:
+    j = t["sum_y"].shape[0]
+    n = t["n"].expand(j)
+    sides = {}
+    if "y_all" in groups:
+        sides["all"] = _Side([(1, t["x.y_all"])], [(1, t["x.ones"])], t["cover.y_all"],
+                             t["cover.ones"], n, t["sum_y"])
+        return sides
+    if "y_pos" in groups:
+        sides["positive"] = _Side([(1, t["x.y_pos"])], [(1, t["x.active"])], t["cover.y_pos"],
+                                  t["cover.active"], t["total.active"], t["total.y_pos"])
+    if "y_neg" in groups:
+        sides["negative"] = _Side([(1, t["x.y_neg"])], [(1, t["x.ones"]), (-1, t["x.active"])],
+                                  t["cover.y_neg"], t["cover.ones"] - t["cover.active"],
+                                  n - t["total.active"], t["total.y_neg"])
+    if "y_pos" in groups and "y_neg" in groups:
+        sides["all"] = _Side([(1, t["x.y_pos"]), (1, t["x.y_neg"])], [(1, t["x.ones"])],
+                             t["cover.y_pos"] + t["cover.y_neg"], t["cover.ones"], n, t["sum_y"])
+    return sides
+
+
+def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """``C / (w^T C)`` of one side, with the unnormalised covariance
+
+        C = sum_c x (y - m) = sum_c x~ y~ + mu cover_y - m~ (sum_c x~ + mu cover)
+
+    (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 2),
+    written in one allocation and a few in-place passes. Returns the pattern and the
+    zero-denominator mask.
+    """
+    j = w.shape[0]
+    col = (j, *([1] * (side.xy[0][1].dim() - 1)))
+    m = m.reshape(col)
+    c = side.xy[0][1].clone()
+    for sign, t in side.xy[1:]:
+        c.add_(t, alpha=sign)
+    c.addcmul_(side.cover_y, mu)
+    for sign, t in side.x:
+        c.addcmul_(t, m, value=-sign)
+    c.addcmul_(side.cover * m, mu, value=-1)
+    rows = c.reshape(j, -1)
+    w2 = w.reshape(j, -1)
+    denominator = _row_dots(w2, rows)
+    size = torch.linalg.vector_norm(w2, dim=1).double() * torch.linalg.vector_norm(rows, dim=1)
+    scale, zero = _scales(denominator, size, side.count)
+    return c.mul_(scale.reshape(col)), zero
+
+
 def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
                       ) -> tuple[LayerPatterns, dict[str, int]]:
-    """Compute a layer's patterns from its statistics (math.md section 2).
+    """Compute a layer's patterns from its statistics (docs/math.md, section 2).
 
     Parameters
     ----------
@@ -224,70 +544,37 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
     Returns
     -------
     patterns : LayerPatterns
-        On the CPU, float64.
+        On the CPU, float64; the kinds the statistics were collected for.
     counts : dict
         Neurons never active (``dead``), always active, and with a zero denominator.
-
-    Notes
-    -----
-    With ``C = sum_c x y - m sum_c x`` the unnormalised covariance of the samples ``c``
-    of a component, the pattern is ``C / (w^T C)``. The denominators follow from per-row
-    dot products of ``w`` with the sums (``w^T C`` is linear in them), so each pattern is
-    written in one allocation and two to four in-place passes: for the 4096 x 25088
-    first classifier layer of VGG16 this is what the whole computation costs.
     """
     if mean_y not in MEAN_Y_CONVENTIONS:
         raise ValueError(f"mean_y must be one of {MEAN_Y_CONVENTIONS}, not {mean_y!r}")
-    if stats.n <= 0:
+    if not stats.tensors_ or stats.n <= 0:
         raise ValueError("the statistics hold no samples: fit on at least one batch")
-    j, shape = weight.shape[0], weight.shape
+    s = stats.to("cpu")
+    t = s.tensors_
     w = weight.detach().to("cpu")
     if w.dtype not in (torch.float32, torch.float64):
         w = w.to(torch.float64)
-    w = w.reshape(j, -1)
-    s = stats.to("cpu")
-    n = s.n.to(torch.float64)
-    n_pos = s.n_pos
-    n_neg = n - n_pos
-    sum_x = s.sum_x.reshape(-1)                      # (D,), shared by all neurons
-    sum_x_pos = s.sum_x_pos.reshape(j, -1)
-    sum_xy, sum_xy_pos = s.sum_xy.reshape(j, -1), s.sum_xy_pos.reshape(j, -1)
-
-    # w_j^T of every sum: the denominators are linear combinations of these
-    w_xy, w_xy_pos, w_x_pos = _row_dots(w, sum_xy), _row_dots(w, sum_xy_pos), _row_dots(w, sum_x_pos)
-    w_x = _row_dots(w, sum_x)
-    mean_y_all = s.sum_y / n
-
-    def side_mean_y(total, count):
-        if mean_y == "global":
-            return mean_y_all
-        return total / count.clamp(min=1) * (count > 0)
-
-    # linear: C = sum_xy - m sum_x
-    m = mean_y_all
-    scale, zero_linear = _scales(w_xy - m * w_x, n.expand(j))
-    linear = torch.mul(sum_xy, scale[:, None])
-    linear.addr_(m * scale, sum_x, alpha=-1)
-    # positive: C = sum_xy_pos - m_+ sum_x_pos
-    m = side_mean_y(s.sum_y_pos, n_pos)
-    scale, zero_pos = _scales(w_xy_pos - m * w_x_pos, n_pos)
-    positive = torch.mul(sum_xy_pos, scale[:, None])
-    positive.addcmul_(sum_x_pos, (m * scale)[:, None], value=-1)
-    # negative: C = (sum_xy - sum_xy_pos) - m_- (sum_x - sum_x_pos)
-    m = side_mean_y(s.sum_y - s.sum_y_pos, n_neg)
-    scale, zero_neg = _scales((w_xy - w_xy_pos) - m * (w_x - w_x_pos), n_neg)
-    negative = torch.mul(sum_xy, scale[:, None])
-    negative.addcmul_(sum_xy_pos, scale[:, None], value=-1)
-    negative.addr_(m * scale, sum_x, alpha=-1)
-    negative.addcmul_(sum_x_pos, (m * scale)[:, None])
-
-    patterns = LayerPatterns(linear.reshape(shape), positive.reshape(shape), negative.reshape(shape))
-    degenerate = zero_linear | (zero_pos & (n_pos > 0)) | (zero_neg & (n_neg > 0))
-    counts = {
-        "dead": int((n_pos == 0).sum()),
-        "always_active": int((n_neg == 0).sum()),
-        "zero_denominator": int(degenerate.sum()),
-    }
+    sides = _sides(t, s.groups)
+    m_global = t["sum_y"] / t["n"]
+    kind_side = {"linear": "all", "positive": "positive", "negative": "negative"}
+    result, zeros = {}, {}
+    for kind in s.kinds:
+        side = sides[kind_side[kind]]
+        m = m_global if kind == "linear" or mean_y == "global" else \
+            side.sum_y / side.count.clamp(min=1) * (side.count > 0)
+        result[kind], zero = _pattern(side, w, t["shift_x"], m)
+        zeros[kind] = zero & (side.count > 0)
+    degenerate = torch.zeros(w.shape[0], dtype=torch.bool)
+    for zero in zeros.values():
+        degenerate |= zero
+    counts = {"zero_denominator": int(degenerate.sum())}
+    if "active" in s.groups:
+        n_pos = t["total.active"]
+        counts.update(dead=int((n_pos == 0).sum()), always_active=int((n_pos == t["n"]).sum()))
+    patterns = LayerPatterns(**{k: v.reshape(weight.shape) for k, v in result.items()})
     return patterns, counts
 
 
@@ -315,6 +602,10 @@ def fingerprint(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------------
 # Patterns: the fitted result
 # ----------------------------------------------------------------------------------
+class PatternFileError(ValueError):
+    """A patterns file is missing, unreadable, malformed, or holds non-finite values."""
+
+
 class Patterns:
     """The fitted patterns of a model, keyed by the qualified names of its layers.
 
@@ -336,6 +627,8 @@ class Patterns:
                  statistics: dict[str, Statistics] | None = None, mean_y: str = "global",
                  counts: dict[str, dict] | None = None):
         self.layers = dict(layers)
+        for name, p in self.layers.items():
+            p.layer = name
         self.fingerprint = fingerprint
         self.statistics = dict(statistics or {})
         self.mean_y = mean_y
@@ -356,6 +649,21 @@ class Patterns:
     def names(self) -> list[str]:
         return list(self.layers)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of pattern every layer holds (``linear``, ``positive``, ``negative``)."""
+        kinds = [set(p.kinds) for p in self.layers.values()]
+        common = set.intersection(*kinds) if kinds else set()
+        return tuple(k for k in KINDS if k in common)
+
+    def require(self, kinds: Sequence[str], purpose: str) -> None:
+        """Raise :class:`MissingPatternsError` unless every layer holds ``kinds``."""
+        missing = [k for k in kinds if k not in self.kinds]
+        if missing:
+            raise MissingPatternsError(
+                f"{purpose} needs the {missing} patterns, but these patterns hold only "
+                f"{list(self.kinds)}: fit them with fit_patterns(..., kinds={tuple(KINDS)})")
+
     def __getitem__(self, name: str) -> LayerPatterns:
         try:
             return self.layers[name]
@@ -369,7 +677,8 @@ class Patterns:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return f"Patterns({len(self)} layers, mean_y={self.mean_y!r}, model {self.fingerprint[:8]})"
+        return (f"Patterns({len(self)} layers, kinds={list(self.kinds)}, mean_y={self.mean_y!r}, "
+                f"model {self.fingerprint[:8]})")
 
     def check(self, model: nn.Module, plan: Plan | None = None) -> None:
         """Raise :class:`PatternMismatchError` unless these patterns belong to ``model``."""
@@ -385,16 +694,35 @@ class Patterns:
             if missing:
                 raise PatternMismatchError(f"no patterns for the layers {missing}")
 
+    def inactive_outputs(self) -> list[int]:
+        """The output neurons (classes) of the last layer that were never active
+        (``z > 0``) on the fitting data: their positive pattern is 0."""
+        if not self.layers:
+            return []
+        last = self.names[-1]
+        stats = self.statistics.get(last)
+        if stats is not None and "total.active" in stats.tensors_:
+            return torch.nonzero(stats.n_pos == 0).flatten().tolist()
+        if "positive" in self[last].kinds:
+            rows = self[last].positive.reshape(self[last].positive.shape[0], -1)
+            return torch.nonzero((rows == 0).all(1)).flatten().tolist()
+        return []
+
     # -- report --------------------------------------------------------------------
     def report(self) -> str:
-        """A table of the fit: per layer, samples seen, neurons, dead and degenerate ones."""
+        """A table of the fit: per layer, samples seen, neurons, dead and degenerate ones;
+        then the output neurons that were never active."""
         head = f"{'layer':<24}{'neurons':>8}{'samples':>14}{'dead':>7}{'always on':>10}{'zero den.':>10}"
         lines = [head, "-" * len(head)]
         for name, p in self.layers.items():
             c = self.counts.get(name, {})
             n = int(self.statistics[name].n) if name in self.statistics else 0
-            lines.append(f"{name:<24}{p.linear.shape[0]:>8}{n:>14,}{c.get('dead', 0):>7}"
+            neurons = next(iter(p.tensors().values())).shape[0]
+            lines.append(f"{name:<24}{neurons:>8}{n:>14,}{c.get('dead', 0):>7}"
                          f"{c.get('always_active', 0):>10}{c.get('zero_denominator', 0):>10}")
+        inactive = self.inactive_outputs()
+        if inactive:
+            lines.append(f"output neurons never active on the fitting data: {inactive}")
         return "\n".join(lines)
 
     # -- save / load ---------------------------------------------------------------
@@ -410,11 +738,12 @@ class Patterns:
             for key, t in s.tensors().items():
                 tensors[f"{name}/stats/{key}"] = t.detach().cpu().contiguous()
         metadata = {
-            "format": "patternnet-toolkit-patterns",
+            "format": FILE_FORMAT,
             "version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "mean_y": self.mean_y,
             "layers": json.dumps(self.names),
+            "kinds": json.dumps({name: list(p.kinds) for name, p in self.layers.items()}),
             "counts": json.dumps(self.counts),
         }
         save_file(tensors, str(path), metadata=metadata)
@@ -424,99 +753,87 @@ class Patterns:
         """Read patterns written by :meth:`save`; with ``model``, check they belong to it.
 
         The file format (safetensors) holds only tensors and text: loading runs no code.
+        Every problem with the file is a :class:`PatternFileError` (or
+        :class:`FileNotFoundError`) that names it: unreadable, not a patterns file,
+        missing or malformed metadata, missing tensors, non-finite values, or (with
+        ``model``) patterns shaped unlike the model's layers.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no patterns file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "patternnet-toolkit-patterns":
-                raise ValueError(f"{path} is not a patterns file written by Patterns.save")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = _read_safetensors(path)
+        if meta.get("format") != FILE_FORMAT:
+            raise PatternFileError(f"{path} is not a patterns file written by Patterns.save")
+        try:
+            names = json.loads(meta["layers"])
+            kinds = json.loads(meta["kinds"]) if "kinds" in meta else {n: list(KINDS) for n in names}
+            counts = json.loads(meta.get("counts", "{}"))
+            model_fp, mean_y = meta["fingerprint"], meta["mean_y"]
+        except (KeyError, json.JSONDecodeError) as error:
+            raise PatternFileError(f"{path} has missing or malformed metadata ({error!r})") from None
+        if not isinstance(names, list) or mean_y not in MEAN_Y_CONVENTIONS or not isinstance(kinds, dict):
+            raise PatternFileError(f"{path} has malformed metadata (layers, kinds or mean_y)")
         layers, statistics = {}, {}
-        for name in json.loads(meta["layers"]):
-            layers[name] = LayerPatterns(*(tensors[f"{name}/{k}"] for k in ("linear", "positive", "negative")))
+        for name in names:
+            try:
+                found = {k: tensors[f"{name}/{k}"] for k in kinds[name]}
+            except KeyError as error:
+                raise PatternFileError(f"{path} lacks the tensor {error} of layer '{name}'") from None
+            for kind, t in found.items():
+                if not torch.isfinite(t).all():
+                    raise PatternFileError(f"{path}: the {kind} pattern of layer '{name}' holds NaN or Inf")
+            layers[name] = LayerPatterns(**found)
             prefix = f"{name}/stats/"
             stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if stats:
-                statistics[name] = Statistics.from_tensors(stats)
-        patterns = cls(layers, meta["fingerprint"], statistics, meta["mean_y"],
-                       json.loads(meta.get("counts", "{}")))
+            if stats and meta.get("version") == "1":
+                warnings.warn(f"{path} was written by an older version: its patterns are read, "
+                              "its statistics (in an older layout) are left out", UserWarning)
+            elif stats:
+                try:
+                    statistics[name] = Statistics.from_tensors(stats, kinds[name])
+                except KeyError as error:
+                    raise PatternFileError(f"{path}: the statistics of layer '{name}' lack {error}") from None
+        patterns = cls(layers, model_fp, statistics, mean_y, counts)
         if model is not None:
+            _check_shapes(patterns, model, path)
             patterns.check(model)
         return patterns
+
+
+FILE_FORMAT = "patternnet-toolkit-patterns"
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise PatternFileError(f"{path} cannot be read as a safetensors file ({error})") from None
+
+
+def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
+    modules = dict(model.named_modules())
+    for name, p in patterns.layers.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "weight"):
+            raise PatternMismatchError(f"{path} holds patterns for a layer '{name}' that this model "
+                                       "does not have: they were fitted for another model")
+        for kind, t in p.tensors().items():
+            if tuple(t.shape) != tuple(module.weight.shape):
+                raise PatternMismatchError(
+                    f"{path}: the {kind} pattern of layer '{name}' has shape {tuple(t.shape)}, the "
+                    f"layer's weight {tuple(module.weight.shape)}: fitted for another model")
 
 
 # ----------------------------------------------------------------------------------
 # fitting
 # ----------------------------------------------------------------------------------
-def _inputs(batch) -> Tensor:
-    """The input tensor of a batch: the batch itself or the first item of a pair."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty batch")
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(f"a batch must be a tensor or an (inputs, labels) pair, not {type(batch).__name__}")
-    return batch
-
-
-def _check_batch(x: Tensor, index: int, expected: tuple[int, ...] | None) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"batch {index}: inputs must be floating point, got {x.dtype}")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"batch {index} holds no samples (inputs of shape {tuple(x.shape)})")
-    if expected is not None and tuple(x.shape[1:]) != expected:
-        raise ValueError(f"batch {index}: inputs of shape {tuple(x.shape)} differ from the "
-                         f"first batch's per-sample shape {expected}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"batch {index} contains NaN or Inf values")
-
-
-def _checkpoint_path(checkpoint, rank: int, world: int) -> Path:
-    path = Path(checkpoint)
-    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-def _save_checkpoint(path: Path, statistics: dict[str, Statistics], batches: int,
-                     model_fingerprint: str) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"{name}/{k}": t.cpu().contiguous() for name, s in statistics.items()
-               for k, t in s.tensors().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"batches": str(batches), "fingerprint": model_fingerprint})
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, plan: Plan, model_fingerprint: str, device
-                     ) -> tuple[dict[str, Statistics], int]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("fingerprint") != model_fingerprint or "batches" not in meta:
-            raise PatternMismatchError(
-                f"checkpoint {path} was written for another model (or is not a checkpoint of "
-                "fit_patterns); delete it or give another checkpoint path")
-        statistics = {}
-        stored = set(f.keys())
-        keys = [k.name for k in fields(Statistics)]
-        for layer in plan:
-            missing = [k for k in keys if f"{layer.name}/{k}" not in stored]
-            if missing:
-                raise PatternMismatchError(f"checkpoint {path} lacks the statistics of layer '{layer.name}'")
-            statistics[layer.name] = Statistics.from_tensors(
-                {k: f.get_tensor(f"{layer.name}/{k}").to(device) for k in keys})
-    return statistics, int(meta["batches"])
-
-
-def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: int | None = None,
-                 progress: bool = True, checkpoint: str | os.PathLike | None = None,
-                 checkpoint_every: int = 100, mean_y: str = "global",
-                 compute_dtype: torch.dtype = torch.float64) -> Patterns:
+def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KINDS,
+                 device=None, max_batches: int | None = None, progress: bool = True,
+                 checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
+                 mean_y: str = "global", compute_dtype=None, batch_size: int = 64) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -525,28 +842,36 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
         A network of the supported modules (:data:`toolkit.layers.SUPPORTED_MODULES`).
         It is evaluated in eval mode (Dropout off, BatchNorm with running statistics)
         and each module's own mode is restored afterwards; the model is never changed.
-    data : iterable
-        A DataLoader or any iterable of input tensors or ``(inputs, labels)`` pairs
-        (not a bare tensor: wrap one batch as ``[inputs]``). Floating-point inputs are
-        cast to the dtype of the model's parameters; every batch must have the first
-        batch's per-sample shape and hold only finite values.
+    data : Tensor or iterable
+        A tensor of inputs (cut into batches of ``batch_size``), or a DataLoader or any
+        iterable of input tensors or ``(inputs, labels)`` pairs. Floating-point inputs
+        are cast to the dtype of the model's parameters; every batch must have the
+        first batch's per-sample shape and hold only finite values.
+    kinds : sequence of {"linear", "positive", "negative"}
+        Which patterns to fit; all three by default. PatternNet and PatternAttribution
+        with the two-component estimator need only ``("positive",)``, which costs a
+        product with ``2 J + 1`` output channels per layer instead of ``3 J + 1``.
     device : torch.device or str, optional
         Where to compute. Defaults to the model's device. If it differs, a copy of the
         model is moved there (the user's model stays where it is).
     max_batches : int, optional
         Stop after this many batches (of the whole data, before sharding).
     progress : bool
-        Show a tqdm progress bar with batches and images per second.
+        Show a tqdm progress bar with images per second and the time left.
     checkpoint : path, optional
-        Save the statistics to this file every ``checkpoint_every`` batches. If the file
-        exists, the fit resumes from it: the batches it holds are skipped, so a resumed
-        fit over the same sequence of batches ends with the same patterns. Under
-        ``torch.distributed`` each rank writes ``<stem>.rank<r><suffix>``.
+        Save the statistics to this file every ``checkpoint_every`` batches and at the
+        end. If the file exists the fit resumes from it, after checking that it belongs
+        to this model, this number of processes, these kinds and this data (its batches
+        are read again, and compared by a running fingerprint); anything else is a
+        :class:`toolkit.streaming.CheckpointMismatchError`. Under ``torch.distributed``
+        each rank writes ``<stem>.rank<r><suffix>``.
     mean_y : {"global", "masked"}
-        The E[y] convention of the two-component patterns (see module docstring).
-    compute_dtype : torch.dtype
-        Dtype of the per-batch products; the sums are always accumulated in float64.
-        float64 (default) is exact; float32 is faster on GPUs.
+        The E[y] convention of the two-component patterns (docs/math.md, section 2).
+    compute_dtype : torch.dtype or "tf32", optional
+        Dtype of the per-batch products; None (default) is the model's own dtype. The
+        sums are float64 and the products run on shifted values, so float32 products
+        agree with float64 ones to about 1e-6 (relative, Frobenius). On CUDA ``"tf32"``
+        and ``torch.bfloat16`` are an opt-in (documented in docs/math.md, section 2).
 
     Returns
     -------
@@ -557,84 +882,38 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
     When ``torch.distributed`` is initialised every rank fits its share of the batches
     -- the batches of a DataLoader with a DistributedSampler, otherwise every
     world-size-th batch -- and the statistics are all-reduced, so all ranks return
-    identical patterns.
+    identical patterns. Output neurons never active on the data are warned about (and
+    listed by :meth:`Patterns.report`).
     """
     if mean_y not in MEAN_Y_CONVENTIONS:
         raise ValueError(f"mean_y must be one of {MEAN_Y_CONVENTIONS}, not {mean_y!r}")
-    if isinstance(data, Tensor):
-        raise TypeError("data must be an iterable of batches (a DataLoader, or a list such as "
-                        "[inputs] or torch.split(inputs, 64)), not a single tensor: iterating "
-                        "over a tensor gives single samples")
-    rank, world = rank_and_world()
+    kinds = _check_kinds(kinds)
     parameter = next(model.parameters(), None)
-    model_device = parameter.device if parameter is not None else torch.device("cpu")
-    input_dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else None
-    device = _same_device(torch.device(device), model_device) if device is not None else model_device
-    if device != model_device:
-        import copy
-
-        model = copy.deepcopy(model).to(device)
-    ckpt = _checkpoint_path(checkpoint, rank, world) if checkpoint is not None else None
-
-    plan, statistics, skip, batches_done, expected = None, None, 0, 0, None
-    bar = progress_bar(data, max_batches, progress and rank == 0, "fitting patterns")
-    started, images = time.perf_counter(), 0
-    try:
-        with evaluation_mode(model), torch.no_grad():
-            for index, batch in own_batches(data, rank, world):
-                if max_batches is not None and index >= max_batches:
-                    break
-                x = _inputs(batch)
-                if x.is_floating_point() and input_dtype is not None:
-                    x = x.to(device, input_dtype, non_blocking=True)
-                else:
-                    x = x.to(device, non_blocking=True)
-                _check_batch(x, index, expected)
-                if plan is None:
-                    plan, expected = _start(model, x), tuple(x.shape[1:])
-                    model_fp = fingerprint(model)
-                    statistics = {layer.name: Statistics.zeros(layer.weight_shape, device) for layer in plan}
-                    if ckpt is not None and ckpt.exists():
-                        statistics, skip = _load_checkpoint(ckpt, plan, model_fp, device)
-                batches_done += 1
-                bar.update(1)
-                if batches_done <= skip:
-                    continue
-
-                def observe(layer, layer_input, output):
-                    statistics[layer.name].update(layer, layer_input, output, compute_dtype)
-
-                with intercept(model, plan, on_layer=observe):
-                    model(x)
-                images += x.shape[0]
-                bar.set_postfix_str(f"{images / (time.perf_counter() - started):,.1f} img/s")
-                if ckpt is not None and batches_done % checkpoint_every == 0:
-                    _save_checkpoint(ckpt, statistics, batches_done, model_fp)
-    finally:
-        bar.close()
-
-    if world > 1:
-        check_all_ranks_have_data(plan is not None, device)
-    if plan is None:
-        raise ValueError("data holds no batches: nothing to fit the patterns on")
-    if ckpt is not None:
-        _save_checkpoint(ckpt, statistics, batches_done, model_fp)
-    if world > 1:
-        for s in statistics.values():
-            s.all_reduce()
-    return Patterns.from_statistics(plan, statistics, model_fp, mean_y)
+    target = torch.device(device) if device is not None else (
+        parameter.device if parameter is not None else torch.device("cpu"))
+    compute_dtype = check_product_dtype(compute_dtype, target)
+    result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype),
+                    desc="fitting patterns", device=device, max_batches=max_batches,
+                    progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                    batch_size=batch_size)
+    patterns = Patterns.from_statistics(result.plan, result.accumulators, result.model_fingerprint, mean_y)
+    inactive = patterns.inactive_outputs()
+    if inactive:
+        shown = ", ".join(map(str, inactive[:10])) + (f", ... ({len(inactive)} in all)" if len(inactive) > 10 else "")
+        warnings.warn(
+            f"output neurons [{shown}] of layer '{patterns.names[-1]}' were never active "
+            "(z > 0) on the fitting data: their positive pattern is 0, so PatternNet and "
+            "PatternAttribution with the two-component estimator cannot explain these classes; "
+            "fit on data where they are predicted, or use the linear estimator for them",
+            UserWarning, stacklevel=2)
+    return patterns
 
 
-def _same_device(device: torch.device, model_device: torch.device) -> torch.device:
-    """``device``, or the model's device when both name the same one ("cuda" vs "cuda:0")."""
-    if device.type == model_device.type and device.index is None:
-        return model_device
-    return device
-
-
-def _start(model: nn.Module, x: Tensor) -> Plan:
-    """Trace the model on the first batch, turning shape errors into clear messages."""
-    try:
-        return trace(model, x)
-    except RuntimeError as error:
-        raise ValueError(f"the model cannot run on inputs of shape {tuple(x.shape)}: {error}") from error
+def _check_kinds(kinds) -> tuple[str, ...]:
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty selection of {KINDS}, not {kinds!r}")
+    return tuple(k for k in KINDS if k in kinds)

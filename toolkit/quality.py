@@ -129,20 +129,18 @@ covariance, a shifted copy and its Cholesky factor). Per layer, accumulation cos
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from toolkit.distributed import (broadcast_from_rank_0, check_all_ranks_have_data, is_sharded,
-                                 own_batches, rank_and_world, sum_over_ranks)
-from toolkit.streaming import progress_bar
-from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
+from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
+from toolkit.layers import Layer, Plan
+from toolkit.streaming import model_device_and_dtype, same_device, stream
 from toolkit.linear import UndefinedQualityError
 
 __all__ = [
@@ -177,36 +175,6 @@ KAPPA_RTOL = 1e-8
 # ----------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------
-def _input_batches(data, batch_size: int) -> Iterator[Tensor]:
-    """Yield the input tensors of ``data``: a tensor (cut into ``batch_size`` pieces),
-    or an iterable of tensors or ``(inputs, labels)`` pairs."""
-    if isinstance(data, Tensor):
-        if data.dim() == 0:
-            raise ValueError("data must be a batch of inputs, not a scalar tensor")
-        yield from torch.split(data, batch_size)
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a tensor or an iterable of batches, not {type(data).__name__}")
-    for index, batch in enumerate(data):
-        if isinstance(batch, (tuple, list)):
-            if not batch:
-                raise ValueError(f"batch {index} is empty")
-            batch = batch[0]
-        if not isinstance(batch, Tensor):
-            raise TypeError(f"batch {index}: a batch must be a tensor or an (inputs, labels) "
-                            f"pair, not {type(batch).__name__}")
-        yield batch
-
-
-def _check_inputs(x: Tensor, index: int) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"batch {index}: inputs must be floating point, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"batch {index}: inputs of shape {tuple(x.shape)} are not a batch")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"batch {index} contains NaN or Inf values")
-
-
 # ----------------------------------------------------------------------------------
 # the estimators' directions a_+ and a_-
 # ----------------------------------------------------------------------------------
@@ -367,6 +335,20 @@ class LayerMoments:
         self.sum_xy_pos += torch.outer(self.sum_y_pos, delta)
         self.sum_x += self.n * delta
         self.shift = shift.clone()
+
+    # -- the accumulator interface of toolkit.streaming ----------------------------
+    def flush(self) -> None:
+        """Nothing is buffered: every batch is added at once."""
+
+    def settings(self) -> dict:
+        return {"moments": "LayerMoments"}
+
+    def state(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        for name, t in tensors.items():
+            setattr(self, name, t)
 
     def all_reduce(self) -> None:
         """Sum the moments of all ``torch.distributed`` ranks in place, after moving them
@@ -726,17 +708,6 @@ class QualityResult:
 # ----------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------
-def _select(plan: Plan, layers: Sequence[str] | None) -> Plan:
-    if layers is None:
-        return plan
-    if isinstance(layers, str):
-        layers = [layers]
-    unknown = [name for name in layers if name not in plan.names]
-    if unknown:
-        raise ValueError(f"unknown layers {unknown}; the model's layers are {plan.names}")
-    return Plan([layer for layer in plan if layer.name in set(layers)], plan.input_shape)
-
-
 def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
     if isinstance(estimators, str):
         estimators = (estimators,)
@@ -757,53 +728,23 @@ def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
 def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = None,
                     device=None, max_batches: int | None = None, progress: bool = True,
                     batch_size: int = 64) -> tuple[Plan, dict[str, LayerMoments]]:
-    """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer.
+    """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer
+    (with :func:`toolkit.streaming.stream`).
 
     Returns the plan of the measured layers and their moments. See :func:`layer_quality`
     for the parameters.
     """
-    model_device = next(model.parameters()).device
-    device = torch.device(device) if device is not None else model_device
-    if device != model_device:
-        model = copy.deepcopy(model).to(device)
-    plan, moments, shape = None, None, None
-    rank, world = rank_and_world()
-    bar = progress_bar(data, max_batches, progress and rank == 0, "layer quality")
-    with evaluation_mode(model), torch.no_grad():
-        for index, x in own_batches(_input_batches(data, batch_size), rank, world, is_sharded(data)):
-            if max_batches is not None and index >= max_batches:
-                break
-            _check_inputs(x, index)
-            x = x.to(device)
-            if plan is None:
-                try:
-                    plan = _select(trace(model, x), layers)
-                except RuntimeError as error:
-                    raise ValueError(f"the model cannot run on inputs of shape {tuple(x.shape)}: "
-                                     f"{error}") from error
-                shape = tuple(x.shape[1:])
-                moments = {layer.name: LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features,
-                                                          device)
-                           for layer in plan}
-            elif tuple(x.shape[1:]) != shape:
-                raise ValueError(f"batch {index}: inputs of shape {tuple(x.shape)} differ from the "
-                                 f"first batch's per-sample shape {shape}")
+    def moments(layer: Layer) -> LayerMoments:
+        return LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features, _device(model, device))
 
-            def observe(layer, layer_input, output):
-                moments[layer.name].update(layer, layer_input, output)
+    result = stream(model, data, moments, desc="layer quality", device=device, max_batches=max_batches,
+                    progress=progress, layers=layers, batch_size=batch_size)
+    return result.plan, result.accumulators
 
-            with intercept(model, plan, on_layer=observe):
-                model(x)
-            bar.update(1)
-    bar.close()
-    if world > 1:
-        check_all_ranks_have_data(plan is not None, device)
-    if plan is None:
-        raise ValueError("data holds no batches: nothing to measure the quality on")
-    if world > 1:
-        for m in moments.values():
-            m.all_reduce()
-    return plan, moments
+
+def _device(model: nn.Module, device) -> torch.device:
+    model_device = model_device_and_dtype(model)[0]
+    return same_device(torch.device(device), model_device) if device is not None else model_device
 
 
 def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = ESTIMATORS, *,
