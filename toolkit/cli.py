@@ -392,29 +392,17 @@ def _fit(args: argparse.Namespace) -> int:
         if rank == 0:
             print(f"fitting patterns of {args.model} on {len(dataset):,} images"
                   + (f" in {world} processes" if world > 1 else "") + f" ({device})", file=sys.stderr)
-        with _checkpoint_errors(args.checkpoint):
-            patterns = fit_patterns(
-                model, data, device=device, progress=not args.quiet, checkpoint=args.checkpoint,
-                checkpoint_every=args.checkpoint_every, mean_y=args.mean_y,
-                compute_dtype=_dtype(args.compute_dtype),
-            )
+        patterns = fit_patterns(
+            model, data, device=device, progress=not args.quiet, checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every, mean_y=args.mean_y,
+            compute_dtype=_dtype(args.compute_dtype),
+        )
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             patterns.save(out)
             print(patterns.report())
             print(f"wrote {out}")
     return 0
-
-
-@contextmanager
-def _checkpoint_errors(checkpoint):
-    """A safetensors error during a fit comes from the checkpoint: name it."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as error:
-        raise CommandError(f"--checkpoint {checkpoint}: {_message(error)}") from error
 
 
 def _quality(args: argparse.Namespace) -> int:

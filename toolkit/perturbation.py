@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from toolkit.layers import evaluation_mode
-from toolkit.quality import _input_batches
+from toolkit.streaming import input_batches
 
 __all__ = ["ORDERS", "REPLACEMENTS", "PerturbationResult", "region_perturbation", "aopc",
            "region_relevance"]
@@ -311,7 +311,7 @@ def region_perturbation(model: nn.Module, explainer, data, patch: int = 9,
 
     per_ordering, predicted, shape, length = [], [], None, None
     with tqdm(desc=f"region perturbation ({order})", unit="image", disable=not progress) as bar:
-        for index, x in enumerate(_input_batches(data, batch_size)):
+        for index, x in enumerate(input_batches(data, batch_size)):
             length = _check_images(x, index, patch, steps, shape)
             shape = tuple(x.shape[1:])
             x = x.to(device)
