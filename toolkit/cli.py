@@ -377,10 +377,10 @@ def _fit(args: argparse.Namespace) -> int:
 
     out = check_writable("--out", args.out)
     with distributed(args.device) as (rank, world, device):
-        if args.checkpoint:
-            from toolkit.patterns import _checkpoint_path
-
-            checkpoint = _checkpoint_path(args.checkpoint, rank, world)
+        if args.checkpoint:  # under torchrun each rank has <stem>.rank<r><suffix> (fit_patterns)
+            checkpoint = Path(args.checkpoint)
+            if world > 1:
+                checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
             check_writable("--checkpoint", checkpoint)
             if checkpoint.is_file():
                 _check_safetensors("--checkpoint", checkpoint)

@@ -457,7 +457,8 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     model : nn.Module
         Any module whose forward pass runs through the :data:`SUPPORTED_MODULES`.
     example : Tensor
-        An input batch; only its first sample is used.
+        An input batch; only its first sample is used, and only a copy of it (an inplace
+        first module does not change the caller's tensor).
 
     Returns
     -------
