@@ -85,6 +85,11 @@ def _one_line_error(capsys, command: str, *words: str, after_progress: bool = Fa
     return err
 
 
+def _names(option: str, path: Path) -> tuple[str, str]:
+    """Words an error about ``option`` ``path`` must contain: the option, then the file."""
+    return f"error: {option}", str(path)
+
+
 @pytest.mark.parametrize("kind", BAD)
 @pytest.mark.parametrize("command", ["quality", "explain", "perturbation"])
 def test_bad_patterns_file(ws, capsys, command, kind):
@@ -93,13 +98,13 @@ def test_bad_patterns_file(ws, capsys, command, kind):
     if command == "explain":
         args = [*args, "--method", "patternnet"]
     assert main([args[0], *_model(ws), "--patterns", str(bad), *args[1:]]) == 2
-    _one_line_error(capsys, command, f"--patterns {bad}")
+    _one_line_error(capsys, command, *_names("--patterns", bad))
 
 
 def test_patterns_of_a_model_file_are_refused(ws, capsys):
     """A safetensors file that holds no patterns (a model file) names the file too."""
     assert main(["quality", *_model(ws), "--patterns", str(ws / "m.safetensors"), *_data(ws)]) == 2
-    _one_line_error(capsys, "quality", f"--patterns {ws / 'm.safetensors'}")
+    _one_line_error(capsys, "quality", *_names("--patterns", ws / "m.safetensors"))
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text"])
@@ -107,7 +112,7 @@ def test_bad_checkpoint_file(ws, capsys, kind):
     bad = _bad(ws, kind, "p.safetensors")
     args = _commands(ws)["fit"]
     assert main([args[0], *_model(ws), "--checkpoint", str(bad), *args[1:]]) == 2
-    _one_line_error(capsys, "fit", f"--checkpoint {bad}")
+    _one_line_error(capsys, "fit", *_names("--checkpoint", bad))
 
 
 def test_checkpoint_that_is_another_file(ws, capsys):
@@ -125,7 +130,7 @@ def test_bad_weights_file(ws, capsys, command, name, kind):
     args = _commands(ws)[command]
     patterns = ["--patterns", str(ws / "p.safetensors")] if command == "quality" else []
     assert main([args[0], *_model(ws), "--weights", str(bad), *patterns, *args[1:]]) == 2
-    _one_line_error(capsys, command, f"--weights {bad}")
+    _one_line_error(capsys, command, *_names("--weights", bad))
 
 
 @pytest.mark.parametrize("kind", BAD)

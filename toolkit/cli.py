@@ -87,7 +87,7 @@ def _message(error: BaseException) -> str:
 @contextmanager
 def reading(option: str, path) -> None:
     """Turn any error of reading ``path`` into a :class:`CommandError` that starts with
-    the option and the file, e.g. ``--patterns p.safetensors: ...``."""
+    the option and names the file, e.g. ``--patterns p.safetensors: ...``."""
     try:
         yield
     except CommandError:
@@ -95,7 +95,9 @@ def reading(option: str, path) -> None:
     except _read_errors() as error:
         if isinstance(error, RuntimeError) and type(error).__module__.startswith("torch.distributed"):
             raise
-        raise CommandError(f"{option} {path}: {_message(error)}") from error
+        message = _message(error)
+        named = f": {message}" if str(path) in message else f" {path}: {message}"
+        raise CommandError(f"{option}{named}") from error
 
 
 def check_writable(option: str, path, folder: bool = False) -> Path:
