@@ -28,7 +28,10 @@ own shard of the data, the statistics are summed over all processes, and only ra
 writes the output (docs/distributed.md).
 
 Errors a user can fix are printed as one line ``toolkit COMMAND: error: ...`` with exit
-status 2; set ``TOOLKIT_TRACEBACK=1`` to see the traceback instead.
+status 2; set ``TOOLKIT_TRACEBACK=1`` to see the traceback instead. That covers bad
+files (missing, truncated, not safetensors, of another model: each message names the
+option and the file) and outputs that cannot be written, which are checked before the
+work starts.
 """
 from __future__ import annotations
 
@@ -54,6 +57,77 @@ TENSOR_SUFFIXES = (".pt", ".pth", ".npz")
 
 class CommandError(ValueError):
     """A problem with the command line that the user can fix."""
+
+
+# ----------------------------------------------------------------------------------
+# files: read errors name the file, outputs are checked first
+# ----------------------------------------------------------------------------------
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a user's file may raise when the file is bad (not when the code is)."""
+    import pickle
+    import zipfile
+
+    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError, EOFError,
+                                         RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(errors)
+
+
+def _message(error: BaseException) -> str:
+    """An exception's message on one line (a KeyError's key without its quotes)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+@contextmanager
+def reading(option: str, path) -> None:
+    """Turn any error of reading ``path`` into a :class:`CommandError` that starts with
+    the option and names the file, e.g. ``--patterns p.safetensors: ...``."""
+    try:
+        yield
+    except CommandError:
+        raise
+    except _read_errors() as error:
+        if isinstance(error, RuntimeError) and type(error).__module__.startswith("torch.distributed"):
+            raise
+        message = _message(error)
+        named = f": {message}" if str(path) in message else f" {path}: {message}"
+        raise CommandError(f"{option}{named}") from error
+
+
+def check_writable(option: str, path, folder: bool = False) -> Path:
+    """Raise a :class:`CommandError` now if ``path`` (a file, or a folder if ``folder``)
+    cannot be written later: it is of the wrong kind, or it or the nearest existing
+    folder above it is not writable, or a file stands where a folder is needed."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise CommandError(f"{option} {path}: it is a {'file' if folder else 'folder'}, "
+                               f"not a {kind}")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise CommandError(f"{option} {path}: the {kind} is not writable (permission denied)")
+        return path
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise CommandError(f"{option} {path}: cannot create the {kind}, {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path}: cannot create the {kind}, the folder {above} is not "
+                           "writable (permission denied)")
+    return path
+
+
+def _check_safetensors(option: str, path) -> None:
+    """Read the header of an existing safetensors file, so a bad one fails at once."""
+    from safetensors import safe_open
+
+    with reading(option, path), safe_open(str(path), framework="pt") as f:
+        f.metadata()
 
 
 # ----------------------------------------------------------------------------------
@@ -115,8 +189,13 @@ def _weights(value: str):
 def _load_model(args, device=None, dtype=None):
     from toolkit.zoo import load_model
 
-    model = load_model(args.model, _weights(args.weights), model_args=args.model_args,
-                       download=not args.offline)
+    weights = _weights(args.weights)
+    if Path(args.model).suffix == ".safetensors" and Path(args.model).is_file():
+        _check_safetensors("--model", args.model)
+    weights_file = weights not in (None, "DEFAULT") and not weights.isupper()
+    option, path = ("--weights", weights) if weights_file else ("--model", args.model)
+    with reading(option, path):
+        model = load_model(args.model, weights, model_args=args.model_args, download=not args.offline)
     return model.to(device=device, dtype=dtype)
 
 
@@ -152,7 +231,7 @@ def _tensor_file(path: Path, split: str | None):
     from torch.utils.data import TensorDataset
 
     if path.suffix == ".npz":
-        with np.load(path) as f:
+        with reading("--data", path), np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
     else:
         try:
@@ -250,7 +329,27 @@ def _read_patterns(path, model):
 
     if path is None:
         return None
-    return Patterns.load(path, model)
+    with reading("--patterns", path):
+        return Patterns.load(path, model)
+
+
+def _check_model(model, data, dtype, device) -> None:
+    """Trace the model on the first input before the work starts: a module, a setting or
+    an operation in its forward that the rules do not cover is refused here
+    (:func:`toolkit.layers.trace`), and so is an input the model cannot take."""
+    import torch
+
+    from toolkit.layers import trace
+
+    example = data[:1] if isinstance(data, torch.Tensor) else data[0][0][None]
+    if not torch.is_tensor(example) or not example.is_floating_point():
+        return  # undecoded image bytes: the fit's first batch is traced instead
+    example = example.to(device=device, dtype=dtype)
+    try:
+        trace(model, example)
+    except RuntimeError as error:
+        raise CommandError(f"the model cannot run on inputs of shape {tuple(example.shape)}: "
+                           f"{_message(error)}") from error
 
 
 def _explainer(method: str, model, patterns, kind: str):
@@ -278,11 +377,19 @@ def _write_figure(fig, path: Path) -> Path:
 def _fit(args: argparse.Namespace) -> int:
     from toolkit.patterns import fit_patterns
 
-    out = Path(args.out)
+    out = check_writable("--out", args.out)
     with distributed(args.device) as (rank, world, device):
+        if args.checkpoint:  # under torchrun each rank has <stem>.rank<r><suffix> (fit_patterns)
+            checkpoint = Path(args.checkpoint)
+            if world > 1:
+                checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
+            check_writable("--checkpoint", checkpoint)
+            if checkpoint.is_file():
+                _check_safetensors("--checkpoint", checkpoint)
         dtype = _dtype(args.dtype)
         model = _load_model_first_on_rank_0(args, rank, world, device, dtype)
         dataset = _dataset(args, default_split="train")
+        _check_model(model, dataset, dtype, device)
         data = _loader(args, dataset, dtype, distributed_=world > 1, device=device)
         if rank == 0:
             print(f"fitting patterns of {args.model} on {len(dataset):,} images"
@@ -305,10 +412,13 @@ def _fit(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from toolkit.quality import layer_quality
 
+    if args.figure:
+        check_writable("--figure", args.figure)
     with distributed(args.device) as (rank, world, device):
         model = _load_model_first_on_rank_0(args, rank, world, device, None)
         patterns = _read_patterns(args.patterns, model)
         dataset = _dataset(args, default_split="val")
+        _check_model(model, dataset, next(model.parameters()).dtype, device)
         data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=world > 1, device=device)
         kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
         result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
@@ -334,6 +444,7 @@ def _explain(args: argparse.Namespace) -> int:
     from toolkit.imagenet import read_images
     from toolkit.plotting.images import explanation_grid
 
+    out = check_writable("--out", args.out, folder=True)
     device = _device(args.device)
     model = _load_model(args, device)
     patterns = _read_patterns(args.patterns, model)
@@ -341,13 +452,13 @@ def _explain(args: argparse.Namespace) -> int:
     explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods}
     preprocessing = _preprocessing(args)
     images, names = read_images(args.images, preprocessing, device=device)
+    _check_model(model, images, images.dtype, device)
     with torch.no_grad():
         logits = torch.cat([model(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
     target = logits.argmax(1) if args.target is None else torch.full_like(logits[:, 0], args.target, dtype=torch.long)
     categories = _categories(args.model, logits.shape[1])
     probabilities = logits.softmax(1)
 
-    out = Path(args.out)
     kinds = {m: METHODS[m][1] for m in methods}
     for start in range(0, len(images), args.batch_size):
         batch = slice(start, start + args.batch_size)
@@ -386,12 +497,14 @@ def _perturbation(args: argparse.Namespace) -> int:
     from toolkit.plotting.evaluation import plot_perturbation
 
     _single_process("perturbation")
+    out = check_writable("--out", args.out, folder=True)
     device = _device(args.device)
     model = _load_model(args, device)
     patterns = _read_patterns(args.patterns, model)
     methods = _method_list(args.methods, extra=("random",))
     explainers = {m: _explainer(m, model, patterns, args.kind) for m in methods if m != "random"}
     dataset = _dataset(args, default_split="val")
+    _check_model(model, dataset, next(model.parameters()).dtype, device)
     data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=False, device=device)
     settings = dict(patch=args.patch, steps=args.steps, replace=args.replace, batch_size=args.batch_size,
                     progress=not args.quiet)
@@ -403,7 +516,6 @@ def _perturbation(args: argparse.Namespace) -> int:
         else:
             results[method] = region_perturbation(model, explainers[method], data, **settings)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [f"{'method':<20}{'AOPC':>10}{'images':>8}{'p(0)':>8}{'p(L)':>8}"]
     rows += [f"{m:<20}{r.aopc:>10.4f}{r.images:>8}{float(r.curve[0]):>8.3f}{float(r.curve[-1]):>8.3f}"
@@ -419,6 +531,7 @@ def _perturbation(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from toolkit.reproduce import reproduce
 
+    check_writable("--out", args.out, folder=True)
     reproduce(args.out, args.notebooks or None, timeout=args.timeout)
     return 0
 
@@ -602,10 +715,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean 'fix the command line or the files', not a bug."""
-    errors: list[type[BaseException]] = [OSError, ValueError, ImportError]
-    if "toolkit.layers" in sys.modules:
-        errors.append(sys.modules["toolkit.layers"].UnsupportedLayerError)
+    """The exceptions that mean 'fix the command line or the files', not a bug: the
+    file and argument errors (OSError, ValueError, TypeError, KeyError, safetensors'
+    errors) and the toolkit's own (CommandError, PatternMismatchError and
+    NeverActiveOutputError are ValueErrors, UnsupportedLayerError a TypeError)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError, ImportError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
     return tuple(errors)
 
 
@@ -626,8 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, _user_errors()) or os.environ.get("TOOLKIT_TRACEBACK"):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"toolkit {args.command}: error: {message}", file=sys.stderr)
+        print(f"toolkit {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -8,8 +8,12 @@ view of it: for each ``Conv2d`` or ``Linear`` layer, its input ``x``, its output
 
 * :func:`trace` runs one forward pass with temporary hooks, checks that every module
   the forward pass uses is supported, finds the BatchNorm layers that follow a
-  convolution directly, and returns a :class:`Plan` -- the ordered list of
-  :class:`Layer` records.
+  convolution directly, checks the code *between* the modules (:func:`check_forward`)
+  and returns a :class:`Plan` -- the ordered list of :class:`Layer` records.
+* :func:`check_forward` traces the model's ``forward`` symbolically with ``torch.fx``
+  and refuses every function or tensor method outside :data:`ALLOWED_OPERATIONS`
+  (a ``torch.sigmoid`` or a residual addition written in ``forward`` is invisible to
+  module hooks, and the rules would silently treat it as its gradient).
 * :class:`Layer` knows its folded weight and bias and the three linear operations the
   estimators need: the layer map itself, its transpose (the backward pass through the
   layer with any weight), and the *patch sums* ``sum_n g_n x_n^T`` over every sample and
@@ -25,6 +29,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
+
+import numbers
+import operator
+import os
+import re
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +59,12 @@ NEURON_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 class UnsupportedLayerError(TypeError):
-    """A model uses a module (or a module setting) the estimators do not cover."""
+    """A model uses a module (or a module setting, or an operation in its ``forward``)
+    the estimators do not cover."""
+
+
+class UnverifiedForwardWarning(UserWarning):
+    """The code of a model's ``forward`` could not be checked (torch.fx cannot trace it)."""
 
 
 def _unsupported(name: str, module: nn.Module, why: str = "") -> UnsupportedLayerError:
@@ -191,6 +206,12 @@ class Plan:
 
     layers: list[Layer]
     input_shape: tuple[int, ...] = field(default=())
+    #: Where ``forward`` calls a ReLU as a function (``F.relu``, ``x.relu()``) rather
+    #: than through an ``nn.ReLU`` module (found by :func:`check_forward`).
+    relu_calls: list[str] = field(default_factory=list)
+    #: False when :func:`check_forward` could not trace the model (only its modules
+    #: were checked).
+    forward_verified: bool = True
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
@@ -239,6 +260,195 @@ def _check_settings(name: str, module: nn.Module) -> None:
             raise _unsupported(name, module, f"padding='{module.padding}' (give the padding as numbers)")
 
 
+# ----------------------------------------------------------------------------------
+# the code between the modules: torch.fx
+# ----------------------------------------------------------------------------------
+# Module hooks see the modules a forward pass calls, not the functions and tensor
+# methods written in ``forward`` itself. Those run through autograd's own backward in
+# every method, which is right only for operations the rules treat as their gradient:
+# re-indexing (views), the ReLU mask, pooling switches and averages, dropout in eval
+# mode, and scaling by a constant (linear without an offset, so LRP-z's x * g identity
+# and the per-sample rescaling of the backward pass still hold). Each entry maps an
+# operation's name to the category it belongs to; torch functions, torch.nn.functional,
+# the operator module (``x * 2`` is ``operator.mul``) and tensor methods share names.
+ALLOWED_OPERATIONS = {
+    **dict.fromkeys(("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"), "reshape"),
+    **dict.fromkeys(("relu", "relu_"), "relu"),
+    **dict.fromkeys(("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"), "pooling"),
+    **dict.fromkeys(("dropout",), "dropout"),
+    **dict.fromkeys(("mul", "truediv", "div", "neg", "__mul__", "__rmul__", "__truediv__", "__neg__"),
+                    "scaling"),
+    **dict.fromkeys(("add", "iadd", "add_", "__add__", "__iadd__", "__radd__"), "addition"),
+}
+ALLOWED_SUMMARY = ("flatten/view/reshape/contiguous/squeeze/unsqueeze, relu, max/avg/adaptive-avg "
+                   "pooling, dropout in eval mode, multiplying or dividing by a Python number, and "
+                   "shape arithmetic (x.size(), x.shape)")
+_TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
+                     "_operator", "operator")
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def _operation_name(node) -> str:
+    """``torch.sigmoid``, ``operator.add`` or ``Tensor.view``: how the message names it."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    module = getattr(node.target, "__module__", None) or ""
+    name = getattr(node.target, "__name__", str(node.target))
+    module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional",
+              "torch._C._VariableFunctions": "torch"}.get(module, module)
+    return f"{module}.{name}" if module else name
+
+
+def _category(node) -> str | None:
+    """The entry of :data:`ALLOWED_OPERATIONS` this node's operation belongs to, if any."""
+    if node.op == "call_method":
+        return ALLOWED_OPERATIONS.get(node.target)
+    module = getattr(node.target, "__module__", None)
+    if module not in _TORCH_NAMESPACES:
+        return None
+    return ALLOWED_OPERATIONS.get(getattr(node.target, "__name__", None))
+
+
+def _where(node, model: nn.Module) -> str:
+    """The node, the module whose forward holds it, and its source line if fx kept it."""
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1] if stack else None
+    if owner is not None:
+        path, cls = owner if isinstance(owner, tuple) else (owner, None)
+        cls_name = getattr(cls, "__name__", str(cls)) if cls is not None else "?"
+        place = f"in the forward of module '{path}' ({cls_name})" if path else f"in {cls_name}.forward"
+    else:
+        place = f"in {type(model).__name__}.forward"
+    frames = [f for f in _FRAME.findall(node.stack_trace or "") if not f[0].startswith(_TORCH_DIR)]
+    line = ""
+    if frames:
+        file, number, function, code = frames[-1]
+        line = f", {os.path.basename(file)} line {number}: '{code.strip()}'"
+    return f"node '{node.name}' {place}{line}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _scaling_is_linear(node, args: tuple, kwargs: dict) -> bool:
+    """``x * c``, ``c * x``, ``x / c``, ``-x`` with one tensor ``x`` and a Python number ``c``."""
+    values = [*args, *kwargs.values()]
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if len(tensors) != 1 or not all(isinstance(v, Tensor) or _is_number(v) for v in values):
+        return False
+    divides = str(node.target) in ("truediv", "div", "__truediv__") or \
+        getattr(node.target, "__name__", None) in ("truediv", "div")
+    return not divides or isinstance(args[0], Tensor)
+
+
+def _refuse_residual_addition(node, args: tuple, kwargs: dict) -> str | None:
+    """The one place where adding two tensors is refused. A later change lifts it by
+    returning None here for two same-shaped tensors (and carrying the backward
+    signal's scale over both branches, see toolkit.methods)."""
+    if sum(isinstance(v, Tensor) for v in (*args, *kwargs.values())) >= 2:
+        return "a residual connection (the sum of two branches); residual networks are not supported yet"
+    return "an offset (adding a constant is affine, not linear; the rules assume no offset between layers)"
+
+
+def _refusal(node, args: tuple, kwargs: dict, result) -> str | None:
+    """None if the operation is allowed, else why it is refused."""
+    if not isinstance(result, Tensor):
+        return None  # shape arithmetic: x.size(0), x.shape[1] * 2 -- carries no signal
+    category = _category(node)
+    if category in ("reshape", "relu", "pooling"):
+        return None
+    if category == "dropout":
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        return None if training is False else "dropout in training mode (training=True) is random"
+    if category == "scaling":
+        if _scaling_is_linear(node, args, kwargs):
+            return None
+        return ("a product or quotient with a tensor is not linear in the signal (only scaling "
+                "by a Python number is)")
+    if category == "addition":
+        return _refuse_residual_addition(node, args, kwargs)
+    return "the explanation rules do not cover it"
+
+
+def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
+    """Check the functions and tensor methods ``model.forward`` calls between modules.
+
+    The forward is traced symbolically with ``torch.fx`` and the graph is run once on
+    ``example`` (so every operation is judged on the values it really gets: a tensor or
+    a Python number). Modules are left to :func:`trace`'s own checks. Allowed are the
+    operations of :data:`ALLOWED_OPERATIONS` (summarised in :data:`ALLOWED_SUMMARY`);
+    an addition of two tensors is refused as a residual connection.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Put in eval mode for the check (each module's mode is restored).
+    example : Tensor
+        An input batch; only its first sample is used.
+
+    Returns
+    -------
+    verified : bool
+        False if torch.fx cannot trace the model; an :class:`UnverifiedForwardWarning`
+        then says what was not checked.
+    relu_calls : list of str
+        Where ``forward`` calls a ReLU as a function (allowed, but DeconvNet and Guided
+        Backprop apply their ReLU rule to ``nn.ReLU`` modules only).
+
+    Raises
+    ------
+    UnsupportedLayerError
+        Naming the operation, the node, the module whose forward calls it and the line.
+    """
+    from torch import fx
+
+    if next(model.children(), None) is None:
+        return True, []  # a single module: nothing runs between modules
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        with evaluation_mode(model):
+            graph = tracer.trace(model)
+        module = fx.GraphModule(tracer.root, graph)
+    except Exception as error:  # fx raises TraceError, TypeError, NotImplementedError ...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(
+            f"torch.fx cannot trace the forward of {type(model).__name__} ({first}); only its "
+            "modules were checked -- the functions and tensor operations its forward calls "
+            f"between them were not verified (allowed there: {ALLOWED_SUMMARY})",
+            UnverifiedForwardWarning, stacklevel=3)
+        return False, []
+    relu_calls: list[str] = []
+    refused: list[str] = []
+
+    class Checker(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.op in ("call_function", "call_method"):
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                why = _refusal(node, args, kwargs, result)
+                if why is not None:
+                    refused.append(f"operation '{_operation_name(node)}' at {_where(node, model)} "
+                                   f"is not supported: {why}. Allowed between layers: {ALLOWED_SUMMARY}")
+                    raise _Refused
+                if _category(node) == "relu":
+                    relu_calls.append(_where(node, model))
+            return result
+
+    try:
+        with evaluation_mode(model), torch.no_grad():
+            Checker(module).run(example[:1].clone())
+    except _Refused:
+        raise UnsupportedLayerError(refused[0]) from None
+    return True, relu_calls
+
+
+class _Refused(Exception):
+    """Stops :func:`check_forward`'s run at the first refused operation."""
+
+
 def trace(model: nn.Module, example: Tensor) -> Plan:
     """Find the neuron layers of ``model`` by running it once on ``example``.
 
@@ -247,7 +457,8 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     model : nn.Module
         Any module whose forward pass runs through the :data:`SUPPORTED_MODULES`.
     example : Tensor
-        An input batch; only its first sample is used.
+        An input batch; only its first sample is used, and only a copy of it (an inplace
+        first module does not change the caller's tensor).
 
     Returns
     -------
@@ -257,7 +468,14 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     ------
     UnsupportedLayerError
         If the forward pass calls a module of another type, a convolution with groups,
-        a BatchNorm2d that does not directly follow a Conv2d, or one neuron layer twice.
+        a BatchNorm2d that does not directly follow a Conv2d, one neuron layer twice,
+        or a function / tensor method outside :data:`ALLOWED_OPERATIONS`
+        (:func:`check_forward`).
+
+    Warns
+    -----
+    UnverifiedForwardWarning
+        If torch.fx cannot trace the model, so the code between its modules is not checked.
     """
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
 
@@ -269,7 +487,7 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     handles = [m.register_forward_hook(record(n)) for n, m in _leaf_modules(model)]
     try:
         with evaluation_mode(model), torch.no_grad():
-            model(example[:1])
+            model(example[:1].clone())
     finally:
         for h in handles:
             h.remove()
@@ -299,7 +517,8 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
         previous = (name, module, inp, out)
     if not layers:
         raise UnsupportedLayerError(f"model {type(model).__name__} has no Conv2d or Linear layer")
-    return Plan(layers, tuple(example.shape[1:]))
+    verified, relu_calls = check_forward(model, example)
+    return Plan(layers, tuple(example.shape[1:]), relu_calls, verified)
 
 
 LayerCallback = Callable[[Layer, Tensor, Tensor], "Tensor | None"]

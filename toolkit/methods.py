@@ -21,18 +21,49 @@ ReLU) by a tensor with the same values whose backward pass is the method's rule,
 call of :func:`torch.autograd.grad` runs the whole explanation for the whole batch.
 The model is never changed: it runs in eval mode for the pass (each module's mode is
 restored), the hooks are removed afterwards, and no ``.grad`` is written.
+
+Overflow
+--------
+The backward signal of PatternNet grows by about ``|a_+| |w|`` per layer (50-65 for a
+random VGG, close to ``sqrt(D)``), which overflows float32 after some 20 layers. So
+the signal is rescaled per sample: before each Conv2d/Linear rule, every sample's
+signal is divided by the power of two that brings its largest value into [0.5, 1),
+and the exponents are summed per sample (:class:`_Scale`). Everything between two
+rules (ReLU masks, pooling, views, scaling by a constant) is positively homogeneous
+per sample, so this changes nothing but the scale; and a power of two scales exactly
+in binary floating point, so a result that is representable comes back bit for bit
+(up to values below the smallest normal number).
+
+* :meth:`Explainer.attribute` returns the exact result for every sample whose result
+  fits the dtype as a normal number. A sample whose result does not fit (larger than
+  the dtype's maximum, or with a peak below its smallest normal number) is returned
+  *normalised*, its peak ``|value|`` in [0.5, 1), and an :class:`ExplanationScaleWarning`
+  names those samples and their scale. Nothing is ever inf or NaN.
+* :meth:`Explainer.attribute_scaled` returns every sample normalised together with
+  its scale: ``explanation = values * 2 ** log2_scale`` (:class:`ScaledExplanation`).
+
+The rescaling relies on the backward pass being a chain (one path from the output to
+the input), which :func:`toolkit.layers.check_forward` ensures by refusing residual
+additions.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import math
+import numbers
+import warnings
+from typing import NamedTuple, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
+from toolkit.layers import Layer, Plan, UnsupportedLayerError, evaluation_mode, intercept, trace
 
 __all__ = [
     "Explainer",
+    "ScaledExplanation",
+    "ExplanationScaleWarning",
+    "NeverActiveOutputError",
     "Gradient",
     "DeconvNet",
     "GuidedBackprop",
@@ -47,28 +78,96 @@ Target = Union[int, Sequence[int], Tensor, None]
 
 STARTS = ("logit", "one")
 PATTERN_KINDS = ("two_component", "linear")
+NEVER_ACTIVE = ("raise", "linear")
+
+
+class ExplanationScaleWarning(RuntimeWarning):
+    """Some explanations do not fit the dtype and are returned normalised."""
+
+
+class NeverActiveOutputError(ValueError):
+    """A two-component pattern explainer was asked about an output neuron that was never
+    active on the fitting data (its pattern ``a_+`` is 0)."""
+
+
+class ScaledExplanation(NamedTuple):
+    """Explanations normalised per sample, with their scale.
+
+    Attributes
+    ----------
+    values : Tensor
+        Shaped like the inputs, in their dtype; each sample's peak ``|value|`` lies in
+        [0.5, 1) (or the sample is exactly 0).
+    log2_scale : Tensor
+        ``(N,)`` int64: the explanation of sample ``i`` is ``values[i] * 2 ** log2_scale[i]``.
+    """
+
+    values: Tensor
+    log2_scale: Tensor
+
+    def exact(self, dtype=torch.float64) -> Tensor:
+        """``values * 2 ** log2_scale`` in ``dtype`` (inf where it does not fit, 0 where
+        ``values`` is 0)."""
+        values = self.values.to(dtype)
+        return torch.where(values == 0, values, _times_power_of_two(values, self.log2_scale))
+
+
+# ----------------------------------------------------------------------------------
+# per-sample powers of two
+# ----------------------------------------------------------------------------------
+def _peak_exponent(t: Tensor) -> Tensor:
+    """Per sample, the ``e`` with ``max |t| = m * 2**e``, ``m`` in [0.5, 1) (0 for zeros)."""
+    peak = t.detach().abs().reshape(t.shape[0], -1).amax(1) if t.dim() > 1 else t.detach().abs()
+    return torch.frexp(peak).exponent.long()
+
+
+def _times_power_of_two(t: Tensor, exponent: Tensor) -> Tensor:
+    """``t * 2**exponent`` per sample, exactly while the result is representable.
+
+    The factor is applied in two halves so that each is representable in ``t``'s dtype
+    (half of the widest exponent range of an IEEE type still fits in it)."""
+    shape = (-1, *([1] * (t.dim() - 1)))
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    for k in (half, exponent - half):
+        t = t * torch.exp2(k.to(torch.float64)).to(t.dtype).reshape(shape)
+    return t
+
+
+class _Scale:
+    """The power of two each sample's backward signal has been divided by so far."""
+
+    def __init__(self, samples: int, device):
+        self.log2 = torch.zeros(samples, dtype=torch.long, device=device)
+
+    def normalise(self, t: Tensor) -> Tensor:
+        """``t`` divided per sample by the power of two that puts its peak in [0.5, 1)."""
+        exponent = _peak_exponent(t)
+        self.log2 += exponent
+        return _times_power_of_two(t, -exponent)
 
 
 # ----------------------------------------------------------------------------------
 # the backward rules autograd does not know
 # ----------------------------------------------------------------------------------
 class _LinearRule(torch.autograd.Function):
-    """Forward: the layer output ``z``. Backward: ``V^T grad``, for the layer input only.
+    """Forward: the layer output ``z``. Backward: ``V^T grad``, for the layer input only,
+    after dividing each sample's ``grad`` by a power of two (recorded in ``scale``).
 
     ``z`` comes in detached and goes out as a copy, so the layer's own graph (and with
     it the weight gradients) is cut; of the input only the shape is kept.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor, rule_weight: Tensor, layer: Layer) -> Tensor:
-        ctx.layer, ctx.input_shape = layer, x.shape
+    def forward(ctx, x: Tensor, z: Tensor, rule_weight: Tensor, layer: Layer, scale: _Scale) -> Tensor:
+        ctx.layer, ctx.input_shape, ctx.scale = layer, x.shape, scale
         ctx.save_for_backward(rule_weight)
         return z.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rule_weight,) = ctx.saved_tensors
-        return ctx.layer.transpose(grad, rule_weight, ctx.input_shape), None, None, None
+        grad = ctx.scale.normalise(grad)
+        return ctx.layer.transpose(grad, rule_weight, ctx.input_shape), None, None, None, None
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -175,7 +274,10 @@ class Explainer:
         Returns
         -------
         Tensor
-            The explanation, shaped like ``inputs`` (detached).
+            The explanation, shaped like ``inputs`` (detached), in their dtype and always
+            finite. A sample whose explanation does not fit the dtype as a normal number
+            is returned normalised (peak ``|value|`` in [0.5, 1)) with an
+            :class:`ExplanationScaleWarning`; :meth:`attribute_scaled` gives the scale.
 
         Raises
         ------
@@ -186,24 +288,66 @@ class Explainer:
             For inputs that are not floating point or not in the model's dtype, targets
             that are not integers.
         toolkit.layers.UnsupportedLayerError
-            If the model uses a module the rules do not cover.
+            If the model uses a module or an operation the rules do not cover.
+
+        Notes
+        -----
+        Works under ``torch.no_grad()`` and ``torch.inference_mode()`` (the pass turns
+        autograd on for itself).
+        """
+        values, log2_scale = self.attribute_scaled(inputs, target)
+        info = torch.finfo(values.dtype)
+        largest, smallest = math.frexp(info.max)[1], math.frexp(info.tiny)[1]
+        zero = values.reshape(values.shape[0], -1).abs().amax(1) == 0
+        fits = zero | ((log2_scale <= largest) & (log2_scale >= smallest))
+        if not bool(fits.all()):
+            bad = (~fits).nonzero().flatten().tolist()
+            decades = [round(int(log2_scale[i]) * math.log10(2)) for i in bad[:5]]
+            warnings.warn(
+                f"{type(self).__name__}: the explanations of samples {bad[:5]}"
+                f"{' ...' if len(bad) > 5 else ''} have peaks of about "
+                f"{', '.join(f'1e{d}' for d in decades)}, outside the normal range of "
+                f"{values.dtype} ({info.tiny:.3g} to {info.max:.3g}); they are returned "
+                "normalised to a peak |value| in [0.5, 1). attribute_scaled() gives every "
+                "sample with its scale (log2); a float64 model gives the exact values",
+                ExplanationScaleWarning, stacklevel=2)
+        exact = torch.where(fits & ~zero, log2_scale, torch.zeros_like(log2_scale))
+        return _times_power_of_two(values, exact)
+
+    def attribute_scaled(self, inputs: Tensor, target: Target = None) -> ScaledExplanation:
+        """Like :meth:`attribute`, but every sample normalised, with its scale.
+
+        Returns
+        -------
+        ScaledExplanation
+            ``values`` (peak ``|value|`` of each sample in [0.5, 1), or 0) and
+            ``log2_scale``: the explanation is ``values * 2 ** log2_scale``, whatever
+            its size.
         """
         self._check_inputs(inputs)
-        plan = self._plan_for(inputs)
-        _check_input_rank(inputs, plan)
-        x = inputs.detach().clone().requires_grad_(True)
-        logits = self._forward(x, plan)
-        self._check_logits(logits, inputs)
-        seed = self._seed(logits.detach(), _as_target(target, logits))
-        (grad,) = torch.autograd.grad(logits, x, seed)
-        return self.finish(x.detach(), grad)
+        with torch.inference_mode(False):
+            plan = self._plan_for(inputs)
+            _check_input_rank(inputs, plan)
+            x = inputs.detach().clone().requires_grad_(True)
+            scale = _Scale(x.shape[0], x.device)
+            logits = self._forward(x, plan, scale)
+            self._check_logits(logits, inputs)
+            target = _as_target(target, logits)
+            self._check_target(plan, target, logits)
+            seed = scale.normalise(self._seed(logits.detach(), target))
+            (grad,) = torch.autograd.grad(logits, x, seed)
+            values = scale.normalise(self.finish(x.detach(), grad))
+        return ScaledExplanation(values, scale.log2)
 
-    def _forward(self, x: Tensor, plan: Plan) -> Tensor:
-        """The model's forward pass (eval mode) with the rules' functions in place."""
+    def _forward(self, x: Tensor, plan: Plan, scale: _Scale) -> Tensor:
+        """The model's forward pass (eval mode) with the rules' functions in place.
+
+        The model gets a copy of ``x``, so that an inplace ReLU as its first module
+        changes the copy, not the leaf the gradient is taken for."""
         weights = self.rule_weights(plan, x)
 
         def on_layer(layer: Layer, layer_input: Tensor, z: Tensor) -> Tensor:
-            return _LinearRule.apply(layer_input, z.detach(), weights[layer.name], layer)
+            return _LinearRule.apply(layer_input, z.detach(), weights[layer.name], layer, scale)
 
         def on_relu(relu: nn.ReLU, relu_input: Tensor, output: Tensor) -> Tensor:
             return self.relu_rule.apply(relu_input, output.detach())
@@ -211,7 +355,7 @@ class Explainer:
         relu_hook = on_relu if self.relu_rule is not None else None
         with evaluation_mode(self.model), torch.enable_grad(), \
                 intercept(self.model, plan, on_layer=on_layer, on_relu=relu_hook):
-            return self.model(x)
+            return self.model(x.clone())
 
     def _seed(self, logits: Tensor, target: Tensor) -> Tensor:
         """The output gradient that starts the backward pass: the start value at each
@@ -236,6 +380,14 @@ class Explainer:
 
     def _check_plan(self, plan: Plan) -> None:
         """Hook for methods that need something of every layer (their patterns)."""
+        if self.relu_rule is not None and plan.relu_calls:
+            raise UnsupportedLayerError(
+                f"{type(self).__name__} applies its ReLU rule at nn.ReLU modules, but the forward "
+                f"calls a ReLU as a function at {plan.relu_calls[0]}; write it as an nn.ReLU module"
+            )
+
+    def _check_target(self, plan: Plan, target: Tensor, logits: Tensor) -> None:
+        """Hook for methods that cannot explain some output neurons."""
 
     def _check_inputs(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor):
@@ -284,11 +436,7 @@ def _as_target(target: Target, logits: Tensor) -> Tensor:
     n, classes = logits.shape
     if target is None:
         return logits.detach().argmax(1)
-    if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
-        raise TypeError("target must be class indices, not booleans")
-    t = torch.as_tensor(target, device=logits.device)
-    if t.is_floating_point() or t.is_complex():
-        raise TypeError(f"target must be integer class indices, got {t.dtype}")
+    t = _target_tensor(target, classes).to(logits.device)
     if t.dim() == 0:
         t = t.expand(n)
     if t.dim() != 1 or t.shape[0] != n:
@@ -303,6 +451,41 @@ def _as_target(target: Target, logits: Tensor) -> Tensor:
             f"(0 to {classes - 1})"
         )
     return t.long()
+
+
+def _target_tensor(target, classes: int) -> Tensor:
+    """``target`` as an integer tensor, or a clear error about what it is instead."""
+    if isinstance(target, (bool, np.bool_)) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise TypeError("target must be class indices, not booleans")
+    if isinstance(target, (str, bytes)):
+        raise TypeError(f"target must be an integer class index, not the string {target!r}; "
+                        "map class names to indices first")
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            raise TypeError(f"target must be integer class indices, got {target.dtype}")
+        return target
+    values = [target] if np.ndim(target) == 0 and not isinstance(target, (list, tuple)) else target
+    if isinstance(values, (list, tuple)):
+        for value in values:
+            if value is None:
+                raise TypeError("target holds None; give None itself (not a list of None) to explain "
+                                "the predicted classes, or one class index per sample")
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError("target must be class indices, not booleans")
+            if not isinstance(value, (numbers.Integral, Tensor, np.ndarray)):
+                raise TypeError(f"target must be integer class indices, got {value!r} "
+                                f"({type(value).__name__})")
+            if isinstance(value, numbers.Integral) and not -2**63 <= int(value) < 2**63:
+                raise ValueError(f"target {int(value)} is out of range: the model has {classes} "
+                                 f"classes (0 to {classes - 1})")
+    try:
+        t = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise TypeError(f"target must be an int, a sequence of ints, an integer tensor or None; "
+                        f"cannot read {type(target).__name__} {target!r:.60}: {error}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"target must be integer class indices, got {t.dtype}")
+    return t
 
 
 # ----------------------------------------------------------------------------------
@@ -371,8 +554,11 @@ class _PatternExplainer(Explainer):
     default_start = "logit"
 
     def __init__(self, model: nn.Module, patterns, kind: str = "two_component",
-                 start: str | None = None):
+                 start: str | None = None, never_active: str = "raise"):
         super().__init__(model, start)
+        if never_active not in NEVER_ACTIVE:
+            raise ValueError(f"never_active must be one of {NEVER_ACTIVE}, not {never_active!r}")
+        self.never_active = never_active
         if patterns is None:
             raise ValueError(
                 f"{type(self).__name__} needs the patterns of the model; fit them with "
@@ -420,15 +606,48 @@ class _PatternExplainer(Explainer):
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """The rule weight of every layer, made from its pattern (cast to the dtype and
         device of ``like``) by :meth:`combine`; kept for the next call on the same dtype
-        and device, since patterns are bound to the model's weights anyway."""
+        and device, since patterns are bound to the model's weights anyway.
+
+        With ``never_active="linear"`` the output neurons found by :meth:`never_active_outputs`
+        use their linear pattern instead of ``a_+ = 0``."""
         key = (like.dtype, like.device, tuple(plan.names))
         if self._weights_cache is None or self._weights_cache[0] != key:
+            dead = self.never_active_outputs(plan)
             weights = {}
             for layer in plan:
                 pattern = getattr(self.patterns[layer.name], self._pattern_kind)
+                if layer is plan.layers[-1] and dead.any() and self.never_active == "linear":
+                    pattern = torch.where(dead.reshape(-1, *([1] * (pattern.dim() - 1))),
+                                          self.patterns[layer.name].linear, pattern)
                 weights[layer.name] = self.combine(layer, pattern.to(device=like.device, dtype=like.dtype))
             self._weights_cache = (key, weights)
         return self._weights_cache[1]
+
+    def never_active_outputs(self, plan: Plan) -> Tensor:
+        """Which neurons of the last layer were never active (``z > 0``) on the fitting
+        data, as a bool tensor: their two-component pattern ``a_+`` is 0. Read from the
+        fit's statistics (``n_pos == 0``) or, without statistics, from an all-zero row of
+        ``a_+``. All False for ``kind="linear"``."""
+        dead = torch.zeros(plan.layers[-1].out_features, dtype=torch.bool)
+        if self.kind != "linear" and self.patterns.names[-1] == plan.layers[-1].name:
+            dead[self.patterns.inactive_outputs()] = True
+        return dead
+
+    def _check_target(self, plan: Plan, target: Tensor, logits: Tensor) -> None:
+        if self.never_active != "raise" or plan.layers[-1].out_features != logits.shape[1]:
+            return
+        dead = self.never_active_outputs(plan)
+        asked = sorted({int(t) for t in target.tolist() if dead[int(t)]})
+        if asked:
+            listed = ", ".join(map(str, asked[:10])) + (" ..." if len(asked) > 10 else "")
+            raise NeverActiveOutputError(
+                f"{type(self).__name__} cannot explain class {listed}: its output neuron in layer "
+                f"'{plan.layers[-1].name}' was never active (logit > 0) on the data the patterns "
+                "were fitted on, so its two-component pattern a_+ is 0 and the explanation would "
+                "be 0 everywhere. Fit the patterns on data where this class's logit is positive, "
+                "use kind='linear', or pass never_active='linear' to use the linear pattern for "
+                "such output neurons"
+            )
 
     def combine(self, layer: Layer, pattern: Tensor) -> Tensor:
         """The rule weight of ``layer`` given its pattern ``A``."""
@@ -463,6 +682,12 @@ class PatternNet(_PatternExplainer):
         belong to the weights: after changing the weights, fit and make anew.
     kind : {"two_component", "linear"}
     start : {"logit", "one"}, default "logit"
+    never_active : {"raise", "linear"}, default "raise"
+        What to do with an output neuron that was never active on the fitting data
+        (two-component patterns only; its ``a_+`` is 0, so its explanation would be 0
+        everywhere): raise a :class:`NeverActiveOutputError` naming the class, or use
+        that neuron's linear pattern ``a`` in the output layer (the other layers keep
+        ``a_+``).
     """
 
     def combine(self, layer: Layer, pattern: Tensor) -> Tensor:
@@ -491,6 +716,8 @@ class PatternAttribution(_PatternExplainer):
     patterns : toolkit.patterns.Patterns
     kind : {"two_component", "linear"}
     start : {"logit", "one"}, default "logit"
+    never_active : {"raise", "linear"}, default "raise"
+        As for :class:`PatternNet`.
     """
 
     def combine(self, layer: Layer, pattern: Tensor) -> Tensor:
@@ -538,7 +765,13 @@ class LRPZ(Explainer):
 
     def start_values(self, logits: Tensor) -> Tensor:
         # the gradient seed s gives output relevance logit * s
-        return torch.ones_like(logits) if self.start == "logit" else 1 / logits
+        if self.start == "logit":
+            return torch.ones_like(logits)
+        zero = (logits == 0).flatten().nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(f"LRPZ with start='one' divides by the selected logit, which is exactly 0 "
+                             f"for samples {zero[:10]}; use start='logit' for them")
+        return 1 / logits
 
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         return inputs * grad
