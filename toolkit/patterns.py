@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world, sum_over_ranks
 from toolkit.streaming import progress_bar
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
+from toolkit.residual import DEFAULT_MASK, ActivityMasks
 
 __all__ = [
     "Statistics",
@@ -117,8 +118,13 @@ class Statistics:
     def to(self, device) -> "Statistics":
         return Statistics(**{k: v.to(device) for k, v in self.tensors().items()})
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor, dtype=torch.float64) -> None:
+    def update(self, layer: Layer, x: Tensor, z: Tensor, dtype=torch.float64,
+               active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x`` and layer output ``z`` (bias included).
+
+        ``active`` (bool, shaped like ``z``) is the activity mask; None means ``z > 0``.
+        A residual network's layers may take it from the ReLU after an addition
+        (:mod:`toolkit.residual`).
 
         The per-batch products are computed in ``dtype`` and added to the float64 sums.
         A convolution costs one ``conv2d_weight`` call: the four weight-shaped sums share
@@ -128,6 +134,7 @@ class Statistics:
         """
         x = x.detach().to(dtype)
         z = z.detach()
+        active_mask = active
         bias = layer.bias().to(dtype)
         j = self.sum_y.shape[0]
         if layer.is_conv:
@@ -135,7 +142,7 @@ class Statistics:
             g[:, 0].fill_(1)
             active, y_active, y = g[:, 1:1 + j], g[:, 1 + j:1 + 2 * j], g[:, 1 + 2 * j:]
             y.copy_(z).sub_(bias[:, None, None])
-            active.copy_(z > 0)
+            active.copy_(z > 0 if active_mask is None else active_mask)
             torch.mul(y, active, out=y_active)
             sums = layer.patch_sums(x, g)
             self.sum_x.add_(sums[:1])
@@ -150,7 +157,7 @@ class Statistics:
             return
         z = z.to(dtype)
         y = z - bias
-        active = (z > 0).to(dtype)
+        active = (z > 0 if active_mask is None else active_mask).to(dtype)
         y_active = y * active
         layer.patch_sums(x, torch.ones_like(z.narrow(-1, 0, 1)), out=self.sum_x)
         layer.patch_sums(x, active, out=self.sum_x_pos)
@@ -516,7 +523,7 @@ def _load_checkpoint(path: Path, plan: Plan, model_fingerprint: str, device
 def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: int | None = None,
                  progress: bool = True, checkpoint: str | os.PathLike | None = None,
                  checkpoint_every: int = 100, mean_y: str = "global",
-                 compute_dtype: torch.dtype = torch.float64) -> Patterns:
+                 compute_dtype: torch.dtype = torch.float64, mask: str = DEFAULT_MASK) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -547,6 +554,11 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
     compute_dtype : torch.dtype
         Dtype of the per-batch products; the sums are always accumulated in float64.
         float64 (default) is exact; float32 is faster on GPUs.
+    mask : {"output", "relu_input"}
+        The activity mask of a layer whose output is not followed directly by a ReLU
+        (in a residual block: the last convolution and the downsample): its own output
+        ``z > 0``, or the input of the ReLU after the addition
+        (:mod:`toolkit.residual`). The same for every layer of a chain.
 
     Returns
     -------
@@ -594,6 +606,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
                     plan, expected = _start(model, x), tuple(x.shape[1:])
                     model_fp = fingerprint(model)
                     statistics = {layer.name: Statistics.zeros(layer.weight_shape, device) for layer in plan}
+                    masks = ActivityMasks(model, plan, mask)
                     if ckpt is not None and ckpt.exists():
                         statistics, skip = _load_checkpoint(ckpt, plan, model_fp, device)
                 batches_done += 1
@@ -601,10 +614,10 @@ def fit_patterns(model: nn.Module, data: Iterable, *, device=None, max_batches: 
                 if batches_done <= skip:
                     continue
 
-                def observe(layer, layer_input, output):
-                    statistics[layer.name].update(layer, layer_input, output, compute_dtype)
+                def observe(layer, layer_input, output, active):
+                    statistics[layer.name].update(layer, layer_input, output, compute_dtype, active)
 
-                with intercept(model, plan, on_layer=observe):
+                with masks.observe(model, observe):
                     model(x)
                 images += x.shape[0]
                 bar.set_postfix_str(f"{images / (time.perf_counter() - started):,.1f} img/s")

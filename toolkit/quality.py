@@ -144,6 +144,7 @@ from toolkit.distributed import (broadcast_from_rank_0, check_all_ranks_have_dat
 from toolkit.streaming import progress_bar
 from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
 from toolkit.linear import UndefinedQualityError
+from toolkit.residual import DEFAULT_MASK, ActivityMasks
 
 __all__ = [
     "ESTIMATORS",
@@ -340,19 +341,21 @@ class LayerMoments:
     def dim(self) -> int:
         return self.sum_x.shape[0]
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x`` and layer output ``z`` (bias included).
 
         ``y = w^T x`` is recomputed in float64 from the patches (the model's own output
-        may be float32); the activity mask is ``z > 0`` as in fitting.
+        may be float32); the activity mask is ``z > 0`` as in fitting, or ``active``
+        (bool, shaped like ``z``) when given (:mod:`toolkit.residual`).
         """
+        mask_source = z if active is None else active.to(z.dtype)
         w = _rows(layer.weight()).to(self.sum_xx.device)
         images = x.shape[0]
         per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)  # positions x D
         chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
         for start in range(0, images, chunk):
             patches = layer_patches(layer, x[start:start + chunk].to(torch.float64))
-            active = layer.neuron_values(z[start:start + chunk].detach()) > 0
+            active = layer.neuron_values(mask_source[start:start + chunk].detach()) > 0
             if self.n == 0:
                 positions = patches.shape[0] // min(chunk, images - start)
                 self.shift = patches[:positions].mean(0)
@@ -756,7 +759,8 @@ def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
 
 def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = None,
                     device=None, max_batches: int | None = None, progress: bool = True,
-                    batch_size: int = 64) -> tuple[Plan, dict[str, LayerMoments]]:
+                    batch_size: int = 64, mask: str = DEFAULT_MASK
+                    ) -> tuple[Plan, dict[str, LayerMoments]]:
     """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer.
 
     Returns the plan of the measured layers and their moments. See :func:`layer_quality`
@@ -785,14 +789,15 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
                 moments = {layer.name: LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features,
                                                           device)
                            for layer in plan}
+                masks = ActivityMasks(model, plan, mask)
             elif tuple(x.shape[1:]) != shape:
                 raise ValueError(f"batch {index}: inputs of shape {tuple(x.shape)} differ from the "
                                  f"first batch's per-sample shape {shape}")
 
-            def observe(layer, layer_input, output):
-                moments[layer.name].update(layer, layer_input, output)
+            def observe(layer, layer_input, output, active):
+                moments[layer.name].update(layer, layer_input, output, active)
 
-            with intercept(model, plan, on_layer=observe):
+            with masks.observe(model, observe):
                 model(x)
             bar.update(1)
     bar.close()
@@ -809,7 +814,7 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
 def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = ESTIMATORS, *,
                   layers: Sequence[str] | None = None, device=None, max_batches: int | None = None,
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
-                  batch_size: int = 64) -> QualityResult:
+                  batch_size: int = 64, mask: str = DEFAULT_MASK) -> QualityResult:
     """Measure ``rho(S)`` of signal estimators for every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -847,6 +852,9 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         module docstring).
     batch_size : int
         Batch size when ``data`` is a tensor.
+    mask : {"output", "relu_input"}
+        The activity mask of the two-sided estimators (``y_+ = y [mask]``); give the one
+        the patterns were fitted with (:func:`toolkit.fit_patterns`, ``mask``).
 
     Returns
     -------
@@ -861,7 +869,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, not {ridge}")
     plan, moments = collect_moments(model, data, layers=layers, device=device,
-                                    max_batches=max_batches, progress=progress, batch_size=batch_size)
+                                    max_batches=max_batches, progress=progress, batch_size=batch_size,
+                                    mask=mask)
     if patterns is not None:
         patterns.check(model, plan)
     few = [f"{layer.name} (n={int(moments[layer.name].n)}, D={moments[layer.name].dim})"
