@@ -36,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--progress", action="store_true", help="a progress bar per epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -47,7 +48,7 @@ def main(argv=None):
     model = SmallResNet(width=args.width)
     start = time.perf_counter()
     model, history = train(model, (train_x, train_y), epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, seed=args.seed, progress=False)
+                           batch_size=args.batch_size, seed=args.seed, progress=args.progress)
     seconds = time.perf_counter() - start
     test_accuracy = accuracy(model, test_x, test_y)
     print(f"training took {seconds:.0f} s; per-epoch loss {[round(l, 4) for l in history['loss']]}")
