@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/train_fashion_resnet.py            # about 4 minutes on 2 CPU cores
+    python scripts/train_fashion_resnet.py     # 15 epochs of about 9 s each on 2 idle CPU cores
 
 Trains :class:`toolkit.models.SmallResNet` (width 16) on the 6,000 training images of
 the shipped Fashion-MNIST subset (:func:`toolkit.data.load_fashion_mnist`, scaled to
@@ -30,7 +30,7 @@ from toolkit.models import FASHION_RESNET_FILE, SmallResNet, accuracy, save_mode
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=data_dir() / FASHION_RESNET_FILE)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=16)
