@@ -347,3 +347,39 @@ def test_torchvision_resnet_fits_and_explains_finitely(name):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not model.training
+
+
+def test_default_mask_is_the_relu_after_the_addition():
+    from toolkit.residual import DEFAULT_MASK
+
+    net = tiny_residual()
+    assert DEFAULT_MASK == "relu_input"
+    default, relu_input = fit_patterns(net, batches(), progress=False), fit(net, "relu_input")
+    assert all(torch.equal(default[n].positive, relu_input[n].positive) for n in LAYER_NAMES)
+
+
+class DataDependent(torch.nn.Module):
+    """A chain whose forward branches on the data: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.fc(x.flatten(1))
+
+
+def test_untraceable_model_falls_back_to_the_own_output_with_a_warning():
+    torch.manual_seed(0)
+    net = DataDependent().double().eval()
+    data = [images(6)]
+    with pytest.warns(RuntimeWarning, match="torch.fx cannot trace DataDependent"):
+        fallback = fit_patterns(net, data, progress=False)
+    explicit = fit_patterns(net, data, progress=False, mask="output")
+    for name in ("conv", "fc"):
+        assert torch.equal(fallback[name].positive, explicit[name].positive)
