@@ -34,8 +34,8 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "layers", "patterns", "methods", "quality", "perturbation", "data", "models",
-    "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "linear", "layers", "residual", "patterns", "methods", "quality", "perturbation", "data",
+    "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
 )
 
 

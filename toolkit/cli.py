@@ -399,7 +399,7 @@ def _fit(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, mean_y=args.mean_y,
             compute_dtype=None if args.compute_dtype == "model" else
             args.compute_dtype if args.compute_dtype == "tf32" else _dtype(args.compute_dtype),
-            kinds=tuple(args.kinds),
+            kinds=tuple(args.kinds), **_mask(args),
         )
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,8 @@ def _quality(args: argparse.Namespace) -> int:
         _check_model(model, dataset, next(model.parameters()).dtype, device)
         data = _loader(args, dataset, next(model.parameters()).dtype, distributed_=world > 1, device=device)
         kwargs = {"estimators": tuple(args.estimators)} if args.estimators else {}
-        result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet, **kwargs)
+        result = layer_quality(model, patterns, data, ridge=args.ridge, progress=not args.quiet,
+                               **kwargs, **_mask(args))
         if rank == 0:
             print(result.table())
             if args.figure:
@@ -430,6 +431,11 @@ def _quality(args: argparse.Namespace) -> int:
                 ax = evaluation.plot_layer_quality(result, title=f"signal estimators of {Path(args.model).name}")
                 print(f"wrote {_write_figure(ax.figure, Path(args.figure))}")
     return 0
+
+
+def _mask(args: argparse.Namespace) -> dict:
+    """``{"mask": ...}`` when ``--mask`` was given (else the library's default applies)."""
+    return {"mask": args.mask} if args.mask is not None else {}
 
 
 def _single_process(command: str) -> None:
@@ -539,13 +545,17 @@ def _reproduce(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------
 # the parser
 # ----------------------------------------------------------------------------------
-MODEL_HELP = ("a torchvision model (alexnet, vgg11 ... vgg19, vgg16_bn ...), a factory "
-              "'package.module:function' (e.g. toolkit.models:SmallVGG), or a model file saved "
+MODEL_HELP = ("a torchvision model (alexnet, vgg11 ... vgg19, vgg16_bn ..., resnet18, resnet34, "
+              "resnet50), a factory 'package.module:function' (e.g. toolkit.models:SmallVGG), or a model file saved "
               "by toolkit.models.save_model")
 WEIGHTS_HELP = ("torchvision models: DEFAULT (pretrained, from torch's cache or downloaded once), "
                 "another weight name (IMAGENET1K_V1), 'random', or a FILE (torch.save state dict or "
                 "safetensors); factories and model files: a FILE to load into the model "
                 "(default: DEFAULT)")
+MASK_CHOICES = ("output", "relu_input")  # toolkit.residual.MASKS, without importing torch here
+MASK_HELP = ("activity mask of a layer not followed directly by a ReLU (residual blocks): its own "
+             "output > 0, or the input of the ReLU after the addition (default: "
+             "toolkit.residual.DEFAULT_MASK)")
 DATA_HELP = ("an image folder (ImageNet root with train/ and val/, one folder per class, or a flat "
              "folder of JPEG/PNG with an optional label file) or a tensor file (.pt, .npz) of model inputs")
 
@@ -629,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mean-y", choices=("global", "masked"), default="global",
                        help="E[y] of the two-component patterns: over all samples (authors' code, the default) "
                             "or over the component's samples")
+    group.add_argument("--mask", choices=MASK_CHOICES, default=None, help=MASK_HELP)
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                        help="dtype of the model's forward pass (default: float32; float64 is exact and slower)")
     group.add_argument("--compute-dtype", choices=("model", "float32", "float64", "tf32"), default="model",
@@ -653,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--figure", metavar="PNG", help="also draw the per-layer curves into this file")
     group.add_argument("--ridge", type=float, default=0.0,
                        help="relative Tikhonov term for layers with few samples (default: 0, the exact measure)")
+    group.add_argument("--mask", choices=MASK_CHOICES, default=None,
+                       help=MASK_HELP + "; give the one the patterns were fitted with")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
     quality.set_defaults(run=_quality)
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numbers
-import operator
 import os
 import re
 import warnings
@@ -212,6 +211,14 @@ class Plan:
     #: False when :func:`check_forward` could not trace the model (only its modules
     #: were checked).
     forward_verified: bool = True
+    #: The modules whose forward adds two branches (residual blocks; "" for the model's
+    #: own forward), found by :func:`check_forward`.
+    residual_modules: list[str] = field(default_factory=list)
+
+    def in_branch(self, layer: Layer) -> bool:
+        """Whether ``layer`` lies inside a module that adds branches (a residual block):
+        its backward signal is only one of the summands at the block's input."""
+        return any(m == "" or layer.name.startswith(m + ".") for m in self.residual_modules)
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
@@ -344,12 +351,25 @@ def _scaling_is_linear(node, args: tuple, kwargs: dict) -> bool:
 
 
 def _refuse_residual_addition(node, args: tuple, kwargs: dict) -> str | None:
-    """The one place where adding two tensors is refused. A later change lifts it by
-    returning None here for two same-shaped tensors (and carrying the backward
-    signal's scale over both branches, see toolkit.methods)."""
-    if sum(isinstance(v, Tensor) for v in (*args, *kwargs.values())) >= 2:
-        return "a residual connection (the sum of two branches); residual networks are not supported yet"
+    """The one place where additions are judged: the sum of two same-shaped tensors is a
+    residual connection (allowed: every rule passes the signal to both summands, and
+    :mod:`toolkit.methods` rescales the backward signal only where the branches have
+    joined); adding a constant is an offset, which the rules do not cover."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+    if len(tensors) >= 2:
+        if len(tensors) == 2 and tensors[0].shape == tensors[1].shape:
+            return None
+        return "a sum of tensors of different shapes (broadcasting) is not a residual connection"
     return "an offset (adding a constant is affine, not linear; the rules assume no offset between layers)"
+
+
+def _owner(node) -> str:
+    """Qualified name of the module whose forward holds ``node`` ("" for the model's own)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    owner = list(stack.values())[-1]
+    return owner[0] if isinstance(owner, tuple) else str(owner)
 
 
 def _refusal(node, args: tuple, kwargs: dict, result) -> str | None:
@@ -372,7 +392,7 @@ def _refusal(node, args: tuple, kwargs: dict, result) -> str | None:
     return "the explanation rules do not cover it"
 
 
-def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
+def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str], list[str]]:
     """Check the functions and tensor methods ``model.forward`` calls between modules.
 
     The forward is traced symbolically with ``torch.fx`` and the graph is run once on
@@ -396,6 +416,9 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
     relu_calls : list of str
         Where ``forward`` calls a ReLU as a function (allowed, but DeconvNet and Guided
         Backprop apply their ReLU rule to ``nn.ReLU`` modules only).
+    residual_modules : list of str
+        The modules whose forward adds two branches (a residual block; "" for the
+        model's own forward).
 
     Raises
     ------
@@ -405,7 +428,7 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
     from torch import fx
 
     if next(model.children(), None) is None:
-        return True, []  # a single module: nothing runs between modules
+        return True, [], []  # a single module: nothing runs between modules
     tracer = fx.Tracer()
     tracer.record_stack_traces = True
     try:
@@ -419,9 +442,10 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
             "modules were checked -- the functions and tensor operations its forward calls "
             f"between them were not verified (allowed there: {ALLOWED_SUMMARY})",
             UnverifiedForwardWarning, stacklevel=3)
-        return False, []
+        return False, [], []
     relu_calls: list[str] = []
     refused: list[str] = []
+    residual: list[str] = []
 
     class Checker(fx.Interpreter):
         def run_node(self, node):
@@ -435,6 +459,8 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
                     raise _Refused
                 if _category(node) == "relu":
                     relu_calls.append(_where(node, model))
+                if _category(node) == "addition" and _owner(node) not in residual:
+                    residual.append(_owner(node))
             return result
 
     try:
@@ -442,7 +468,7 @@ def check_forward(model: nn.Module, example: Tensor) -> tuple[bool, list[str]]:
             Checker(module).run(example[:1].clone())
     except _Refused:
         raise UnsupportedLayerError(refused[0]) from None
-    return True, relu_calls
+    return True, relu_calls, residual
 
 
 class _Refused(Exception):
@@ -517,8 +543,8 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
         previous = (name, module, inp, out)
     if not layers:
         raise UnsupportedLayerError(f"model {type(model).__name__} has no Conv2d or Linear layer")
-    verified, relu_calls = check_forward(model, example)
-    return Plan(layers, tuple(example.shape[1:]), relu_calls, verified)
+    verified, relu_calls, residual = check_forward(model, example)
+    return Plan(layers, tuple(example.shape[1:]), relu_calls, verified, residual)
 
 
 LayerCallback = Callable[[Layer, Tensor, Tensor], "Tensor | None"]

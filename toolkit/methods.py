@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from contextlib import contextmanager
 from typing import NamedTuple, Sequence, Union
 
 import numpy as np
@@ -166,8 +167,43 @@ class _LinearRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rule_weight,) = ctx.saved_tensors
-        grad = ctx.scale.normalise(grad)
+        if ctx.scale is not None:  # None inside a residual block (see _Normalise)
+            grad = ctx.scale.normalise(grad)
         return ctx.layer.transpose(grad, rule_weight, ctx.input_shape), None, None, None, None
+
+
+class _Normalise(torch.autograd.Function):
+    """Forward: identity. Backward: the signal divided per sample by a power of two
+    (recorded in ``scale``). Put on the output of a residual block: there the signal of
+    both branches is one tensor, so every path below it is divided alike, while the
+    layers inside the block leave the scale alone (a signal rescaled on one branch only
+    could not be added to the other's)."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, scale: _Scale) -> Tensor:
+        ctx.scale = scale
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.scale.normalise(grad), None
+
+
+@contextmanager
+def _normalised_blocks(model: nn.Module, plan: Plan, scale: _Scale):
+    """Rescale the backward signal at the output of every outermost residual block."""
+    blocks = [m for m in plan.residual_modules
+              if m and not any(o == "" or m.startswith(o + ".") for o in plan.residual_modules if o != m)]
+    if "" in plan.residual_modules:
+        blocks = []
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda module, args, output: _Normalise.apply(output, scale))
+               for name in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -347,14 +383,16 @@ class Explainer:
         weights = self.rule_weights(plan, x)
 
         def on_layer(layer: Layer, layer_input: Tensor, z: Tensor) -> Tensor:
-            return _LinearRule.apply(layer_input, z.detach(), weights[layer.name], layer, scale)
+            own = None if plan.in_branch(layer) else scale
+            return _LinearRule.apply(layer_input, z.detach(), weights[layer.name], layer, own)
 
         def on_relu(relu: nn.ReLU, relu_input: Tensor, output: Tensor) -> Tensor:
             return self.relu_rule.apply(relu_input, output.detach())
 
         relu_hook = on_relu if self.relu_rule is not None else None
         with evaluation_mode(self.model), torch.enable_grad(), \
-                intercept(self.model, plan, on_layer=on_layer, on_relu=relu_hook):
+                intercept(self.model, plan, on_layer=on_layer, on_relu=relu_hook), \
+                _normalised_blocks(self.model, plan, scale):
             return self.model(x.clone())
 
     def _seed(self, logits: Tensor, target: Tensor) -> Tensor:

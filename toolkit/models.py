@@ -1,4 +1,5 @@
-"""A small VGG-style CNN, its training loop, and the shipped Fashion-MNIST weights.
+"""Two small CNNs (VGG-style and residual), their training loop, and the shipped
+Fashion-MNIST weights.
 
 The network is deliberately tiny -- four 3x3 convolutions and two dense layers
 -- so that fitting patterns and computing explanations take seconds on a
@@ -20,17 +21,22 @@ from .data import data_dir
 
 __all__ = [
     "SmallVGG",
+    "SmallResNet",
     "train",
     "accuracy",
     "predict",
     "save_model",
     "load_model",
     "load_fashion_cnn",
+    "load_fashion_resnet",
     "FASHION_CNN_FILE",
+    "FASHION_RESNET_FILE",
 ]
 
 #: File name of the shipped Fashion-MNIST weights inside the data directory.
 FASHION_CNN_FILE = "fashion_cnn.safetensors"
+#: File name of the shipped Fashion-MNIST :class:`SmallResNet` weights.
+FASHION_RESNET_FILE = "fashion_resnet.safetensors"
 
 
 class SmallVGG(nn.Sequential):
@@ -102,6 +108,68 @@ class SmallVGG(nn.Sequential):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+class SmallResNet(nn.Module):
+    """A small residual network for square grey-scale images (torchvision's BasicBlock).
+
+    Layout (``w = width``)::
+
+        stem:    conv3x3(c -> w) bn relu
+        layer1:  BasicBlock(w -> w)
+        layer2:  BasicBlock(w -> 2w, stride 2)   downsample: conv1x1 bn
+        layer3:  BasicBlock(2w -> 4w, stride 2)  downsample: conv1x1 bn
+        head:    global average pooling, flatten, linear(4w -> num_classes)
+
+    Each block computes ``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)``, with the
+    identity replaced by the downsample branch where the shape changes -- exactly
+    torchvision's :class:`~torchvision.models.resnet.BasicBlock`, so everything that
+    works here works on torchvision's ResNets too. Width 16 has about 78,000
+    parameters; a 28 x 28 image ends as a 7 x 7 map before the pooling.
+
+    Parameters
+    ----------
+    in_channels : int, default 1
+    num_classes : int, default 10
+    width : int, default 16
+        Channels of the stem and the first block (then ``2w`` and ``4w``).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        from torchvision.models.resnet import BasicBlock
+
+        super().__init__()
+        w = width
+
+        def block(inputs: int, outputs: int, stride: int) -> nn.Module:
+            downsample = None
+            if stride != 1 or inputs != outputs:
+                downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False),
+                                           nn.BatchNorm2d(outputs))
+            return BasicBlock(inputs, outputs, stride, downsample)
+
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = block(w, w, 1)
+        self.layer2 = block(w, 2 * w, 2)
+        self.layer3 = block(2 * w, 4 * w, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * w, num_classes)
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.avgpool(x)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+#: The architectures :func:`load_model` rebuilds, by the name :func:`save_model` stores.
+ARCHITECTURES = {"SmallVGG": SmallVGG, "SmallResNet": SmallResNet}
 
 
 # ---------------------------------------------------------------------------
@@ -284,10 +352,11 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size: int = 1
 
 
 def save_model(model: SmallVGG, path, **metadata) -> None:
-    """Save a :class:`SmallVGG`'s weights and configuration as safetensors.
+    """Save a :class:`SmallVGG`'s (or :class:`SmallResNet`'s) weights and configuration
+    as safetensors.
 
-    The configuration is stored as JSON under the metadata key ``"config"``;
-    further keyword arguments are stored as strings next to it (e.g.
+    The configuration is stored as JSON under the metadata key ``"config"``, the
+    class name under ``"architecture"``; further keyword arguments are stored as strings next to it (e.g.
     ``test_accuracy=0.91, epochs=5, seed=0``).
     """
     from safetensors.torch import save_file
@@ -295,11 +364,13 @@ def save_model(model: SmallVGG, path, **metadata) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     info = {k: str(v) for k, v in metadata.items()}
     info["config"] = json.dumps(model.config)
+    info["architecture"] = type(model).__name__
     save_file(state, str(path), metadata=info)
 
 
 def load_model(path) -> tuple[SmallVGG, dict]:
-    """Rebuild a :class:`SmallVGG` saved by :func:`save_model`.
+    """Rebuild a :class:`SmallVGG` or :class:`SmallResNet` saved by :func:`save_model`
+    (files without an ``"architecture"`` entry are SmallVGG).
 
     Returns
     -------
@@ -314,7 +385,11 @@ def load_model(path) -> tuple[SmallVGG, dict]:
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     config = json.loads(metadata.get("config", "{}"))
-    model = SmallVGG(**config)
+    architecture = metadata.get("architecture", "SmallVGG")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path} holds a {architecture!r}; this toolkit rebuilds "
+                         f"{', '.join(ARCHITECTURES)}")
+    model = ARCHITECTURES[architecture](**config)
     model.load_state_dict(load_file(str(path)))
     return model.eval(), metadata
 
@@ -348,6 +423,36 @@ def load_fashion_cnn(path=None) -> SmallVGG:
             "dataset-fashion-mnist, or '--source torchvision ROOT'), or point the "
             "environment variable TOOLKIT_DATA at a folder holding "
             f"{FASHION_CNN_FILE}."
+        )
+    model, metadata = load_model(path)
+    model.metadata = metadata
+    return model
+
+
+def load_fashion_resnet(path=None) -> SmallResNet:
+    """The :class:`SmallResNet` trained on the shipped Fashion-MNIST subset.
+
+    Trained by ``scripts/train_fashion_resnet.py`` on the 6,000 training images of
+    :func:`toolkit.data.load_fashion_mnist` (inputs scaled to ``[0, 1]``); its accuracy
+    on the subset's 1,000 test images and the training settings are in
+    ``model.metadata``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        Defaults to ``fashion_resnet.safetensors`` in :func:`toolkit.data.data_dir`.
+
+    Returns
+    -------
+    SmallResNet
+        In eval mode.
+    """
+    path = Path(path) if path is not None else data_dir() / FASHION_RESNET_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST ResNet weights not found at {path}. Rebuild them with "
+            "'python scripts/train_fashion_resnet.py', or point the environment variable "
+            f"TOOLKIT_DATA at a folder holding {FASHION_RESNET_FILE}."
         )
     model, metadata = load_model(path)
     model.metadata = metadata

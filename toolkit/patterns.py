@@ -162,8 +162,11 @@ class Statistics:
         raise MissingPatternsError("these statistics were collected for the linear pattern "
                                    "only, which does not count active samples")
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
-        """Add one batch: layer input ``x`` and layer output ``z`` (bias included)."""
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
+        """Add one batch: layer input ``x``, layer output ``z`` (bias included) and the
+        activity mask ``active`` (bool, shaped like ``z``; None: ``z > 0``; a residual
+        network's layers may take it from the ReLU after an addition, see
+        :mod:`toolkit.residual`)."""
         dtype = _product_dtype(self.dtype, x)
         x, z = x.detach(), z.detach()
         if not self.tensors_:
@@ -174,9 +177,9 @@ class Statistics:
         z = z.to(dtype)
         with _tf32(self.dtype == "tf32"):
             if self.is_conv:
-                sum_y = self._add_conv(layer, x_shifted, z, offset, dtype)
+                sum_y = self._add_conv(layer, x_shifted, z, offset, dtype, active)
             else:
-                sum_y = self._add_rows(x_shifted, z, offset, dtype)
+                sum_y = self._add_rows(x_shifted, z, offset, dtype, active)
         t["n"] += z.numel() // z.shape[1 if self.is_conv else -1]
         t["sum_y"] += sum_y
 
@@ -236,7 +239,8 @@ class Statistics:
             t[f"total.{group}"] = torch.zeros(rows, **kw)
         self.tensors_ = t
 
-    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int) -> Tensor | None:
+    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int, active: Tensor | None
+              ) -> Tensor | None:
         """Write the groups' values into ``g`` (``channel`` is the dimension of the
         neurons) with few passes: the mask, then ``y - shift_y`` and its two sides.
         Returns the sums of ``y - shift_y`` over the samples where no group holds them
@@ -255,7 +259,10 @@ class Statistics:
         if "y_all" in parts:
             torch.sub(z, offset, out=parts["y_all"])
             return None
-        torch.gt(z, 0, out=parts["active"])
+        if active is None:
+            torch.gt(z, 0, out=parts["active"])
+        else:
+            parts["active"].copy_(active)
         y_pos, y_neg = parts.get("y_pos"), parts.get("y_neg")
         if y_pos is not None and y_neg is not None:
             torch.sub(z, offset, out=y_neg)
@@ -288,10 +295,10 @@ class Statistics:
             start += rows
         return slices
 
-    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype) -> Tensor:
+    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype, active) -> Tensor:
         rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
         g = torch.empty((z.shape[0], rows, *z.shape[2:]), dtype=dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel=1)
+        direct = self._fill(g, z, offset, channel=1, active=active)
         sums = layer.patch_sums(x, g)
         per_position = g.sum(0, keepdim=True)                          # (1, rows, H', W')
         cover = layer.cover_sums(x.shape[2:], per_position).double()  # (rows, 1, kh, kw)
@@ -299,11 +306,12 @@ class Statistics:
         self._add_groups(sums, cover, totals)
         return self._sum_y(totals, direct)
 
-    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype) -> Tensor:
+    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype, active) -> Tensor:
         x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
+        active = None if active is None else active.reshape(z.shape)
         rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
         g = torch.empty((z.shape[0], rows), dtype=dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel=1)
+        direct = self._fill(g, z, offset, channel=1, active=active)
         totals = g.sum(0).double()
         self._add_groups(None, totals[:, None], totals)
         self._rows.append((x, g))
@@ -640,11 +648,13 @@ class Patterns:
         The convention used for the two-component patterns.
     counts : dict[str, dict], optional
         Per layer, the neurons counted by :func:`estimate_patterns`.
+    mask : str, optional
+        The activity mask the fit used (:mod:`toolkit.residual`); None if unknown.
     """
 
     def __init__(self, layers: dict[str, LayerPatterns], fingerprint: str,
                  statistics: dict[str, Statistics] | None = None, mean_y: str = "global",
-                 counts: dict[str, dict] | None = None):
+                 counts: dict[str, dict] | None = None, mask: str | None = None):
         self.layers = dict(layers)
         for name, p in self.layers.items():
             p.layer = name
@@ -652,6 +662,7 @@ class Patterns:
         self.statistics = dict(statistics or {})
         self.mean_y = mean_y
         self.counts = dict(counts or {})
+        self.mask = mask
 
     # -- construction --------------------------------------------------------------
     @classmethod
@@ -764,6 +775,7 @@ class Patterns:
             "layers": json.dumps(self.names),
             "kinds": json.dumps({name: list(p.kinds) for name, p in self.layers.items()}),
             "counts": json.dumps(self.counts),
+            **({"mask": self.mask} if self.mask else {}),
         }
         save_file(tensors, str(path), metadata=metadata)
 
@@ -812,7 +824,7 @@ class Patterns:
                     statistics[name] = Statistics.from_tensors(stats, kinds[name])
                 except KeyError as error:
                     raise PatternFileError(f"{path}: the statistics of layer '{name}' lack {error}") from None
-        patterns = cls(layers, model_fp, statistics, mean_y, counts)
+        patterns = cls(layers, model_fp, statistics, mean_y, counts, meta.get("mask"))
         if model is not None:
             _check_shapes(patterns, model, path)
             patterns.check(model)
@@ -852,7 +864,8 @@ def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
 def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KINDS,
                  device=None, max_batches: int | None = None, progress: bool = True,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-                 mean_y: str = "global", compute_dtype=None, batch_size: int = 64) -> Patterns:
+                 mean_y: str = "global", compute_dtype=None, batch_size: int = 64,
+                 mask: str | None = None) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -891,6 +904,12 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         sums are float64 and the products run on shifted values, so float32 products
         agree with float64 ones to about 1e-6 (relative, Frobenius). On CUDA ``"tf32"``
         and ``torch.bfloat16`` are an opt-in (documented in docs/math.md, section 3.2).
+    mask : {"output", "relu_input"}, optional
+        The activity mask of a layer whose output is not followed directly by a ReLU
+        (in a residual block: the last convolution and the downsample): its own output
+        ``z > 0``, or the input of the ReLU after the addition. Default
+        :data:`toolkit.residual.DEFAULT_MASK`; the same for every layer of a chain
+        (docs/math.md, section 6).
 
     Returns
     -------
@@ -914,8 +933,9 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
     result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype),
                     desc="fitting patterns", device=device, max_batches=max_batches,
                     progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                    batch_size=batch_size)
+                    batch_size=batch_size, mask=mask)
     patterns = Patterns.from_statistics(result.plan, result.accumulators, result.model_fingerprint, mean_y)
+    patterns.mask = result.mask
     inactive = patterns.inactive_outputs()
     if inactive:
         shown = ", ".join(map(str, inactive[:10])) + (f", ... ({len(inactive)} in all)" if len(inactive) > 10 else "")

@@ -219,12 +219,14 @@ class LayerMoments:
     def dim(self) -> int:
         return self.sum_x.shape[0]
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x`` and layer output ``z`` (bias included).
 
         ``y = w^T x`` is recomputed in float64 from the patches (the model's own output
-        may be float32); the activity mask is ``z > 0`` as in fitting.
+        may be float32); the activity mask is ``z > 0`` as in fitting, or ``active``
+        (bool, shaped like ``z``) when given (:mod:`toolkit.residual`).
         """
+        z = z if active is None else active.to(z.dtype)   # only its sign is used below
         w = _rows(layer.weight()).to(self.sum_xx.device)
         images = x.shape[0]
         per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)  # positions x D
@@ -319,9 +321,10 @@ class ActiveLayerMoments(LayerMoments):
                    neurons=index.to(device), n_act=torch.zeros(k, **kw),
                    sum_x_act=torch.zeros(k, dim, **kw), sum_xx_act=torch.zeros(k, dim, dim, **kw))
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None:
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch to the shared sums and to the active sums of the measured neurons."""
-        super().update(layer, x, z)  # sets the shift on the first batch
+        super().update(layer, x, z, active)  # sets the shift on the first batch
+        z = z if active is None else active.to(z.dtype)
         images = x.shape[0]
         per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)
         chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
@@ -801,7 +804,8 @@ def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
 
 def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = None,
                     device=None, max_batches: int | None = None, progress: bool = True,
-                    batch_size: int = 64, accumulator=None) -> tuple[Plan, dict[str, LayerMoments]]:
+                    batch_size: int = 64, accumulator=None, mask: str | None = None
+                    ) -> tuple[Plan, dict[str, LayerMoments]]:
     """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer
     (with :func:`toolkit.streaming.stream`).
 
@@ -818,7 +822,7 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
         return LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features, target)
 
     result = stream(model, data, moments, desc="layer quality", device=device, max_batches=max_batches,
-                    progress=progress, layers=layers, batch_size=batch_size)
+                    progress=progress, layers=layers, batch_size=batch_size, mask=mask)
     return result.plan, result.accumulators
 
 
@@ -830,7 +834,8 @@ def _device(model: nn.Module, device) -> torch.device:
 def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = ESTIMATORS, *,
                   layers: Sequence[str] | None = None, device=None, max_batches: int | None = None,
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
-                  batch_size: int = 64, regime: str = "all", neurons=None) -> QualityResult:
+                  batch_size: int = 64, regime: str = "all", neurons=None,
+                  mask: str | None = None) -> QualityResult:
     """Measure ``rho(S)`` of signal estimators for every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -885,6 +890,10 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         drawn as for an int (layers not in it: all). A
         layer whose active moments would exceed :data:`ACTIVE_MOMENT_ELEMENTS` numbers
         raises ``ValueError``: choose fewer neurons there.
+    mask : {"output", "relu_input"}, optional
+        The activity mask of a layer not followed directly by a ReLU (residual
+        networks, :mod:`toolkit.residual`); default: the mask the patterns were fitted
+        with, else :data:`toolkit.residual.DEFAULT_MASK`.
 
     Returns
     -------
@@ -908,9 +917,12 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     if neurons is not None and regime != "active":
         raise ValueError("neurons= chooses the neurons of the active regime; pass regime='active'")
     accumulator = _active_accumulator(neurons, seed) if regime == "active" else None
+    if mask is None:  # the mask the patterns were fitted with
+        masks = {getattr(p, "mask", None) for p in pattern_sets.values() if p is not None} - {None}
+        mask = masks.pop() if len(masks) == 1 else None
     plan, moments = collect_moments(model, data, layers=layers, device=device,
                                     max_batches=max_batches, progress=progress, batch_size=batch_size,
-                                    accumulator=accumulator)
+                                    accumulator=accumulator, mask=mask)
     for p in pattern_sets.values():
         if p is not None:
             p.check(model, plan)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world
-from toolkit.layers import Layer, Plan, evaluation_mode, intercept, trace
+from toolkit.layers import Layer, Plan, evaluation_mode, trace
 
 CHECKPOINT_FORMAT = "patternnet-toolkit-checkpoint"
 CHECKPOINT_VERSION = "2"
@@ -48,13 +48,13 @@ class Accumulator(Protocol):
     """What :func:`stream` needs from the per-layer sums it fills.
 
     ``update`` adds one batch (layer input ``x``, layer output ``z`` after the folded
-    BatchNorm, bias included); ``flush`` adds whatever ``update`` buffered (before a
+    BatchNorm, bias included, and the activity mask ``active``, None for ``z > 0``); ``flush`` adds whatever ``update`` buffered (before a
     checkpoint, an all-reduce or the end); ``all_reduce`` sums over the processes;
     ``state`` / ``load_state`` are the float64 tensors a checkpoint holds, and
     ``settings`` what must match for a checkpoint to be resumed.
     """
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor) -> None: ...
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None: ...
     def flush(self) -> None: ...
     def all_reduce(self) -> None: ...
     def state(self) -> dict[str, Tensor]: ...
@@ -71,6 +71,7 @@ class Pass:
     batches: int
     images: int
     model_fingerprint: str
+    mask: str = "output"
 
 
 # ----------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def select_layers(plan: Plan, layers) -> Plan:
     if unknown:
         raise ValueError(f"unknown layers {unknown}; the model's layers are {plan.names}")
     chosen = [layer for layer in plan if layer.name in set(layers)]
-    return Plan(chosen, plan.input_shape)
+    return Plan(chosen, plan.input_shape, plan.relu_calls, plan.forward_verified, plan.residual_modules)
 
 
 # ----------------------------------------------------------------------------------
@@ -287,12 +288,14 @@ class _Run:
     batches: int = 0
     images: int = 0
     data: BatchFingerprint | None = None
+    mask: str = "output"
+    masks: object = None
 
 
 def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], *, desc: str,
            device=None, max_batches: int | None = None, progress: bool = True,
-           layers=None, batch_size: int = 64, checkpoint=None, checkpoint_every: int = 100
-           ) -> Pass:
+           layers=None, batch_size: int = 64, checkpoint=None, checkpoint_every: int = 100,
+           mask: str | None = None) -> Pass:
     """Stream ``data`` through ``model`` once, filling ``accumulator(layer)`` per layer.
 
     Parameters
@@ -318,6 +321,11 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
         A tqdm bar with images per second and the time left (on rank 0).
     layers : sequence of str, optional
         Measure only these layers.
+    mask : {"output", "relu_input"}, optional
+        The activity mask of a layer whose output is not followed directly by a ReLU
+        (:mod:`toolkit.residual`; default :data:`toolkit.residual.DEFAULT_MASK`). The
+        accumulators get it as ``update(layer, x, z, active)``, ``active`` None where
+        the layer's own ``z > 0`` is the mask.
     checkpoint : path, optional
         Save the sums here every ``checkpoint_every`` batches and at the end; resume
         from the file if it exists (see the module docstring). Under
@@ -333,7 +341,10 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
     device = same_device(torch.device(device), model_device) if device is not None else model_device
     if device != model_device:
         model = copy.deepcopy(model).to(device)
-    run = _Run(device, model_fingerprint=_model_fingerprint(model), data=BatchFingerprint())
+    from toolkit.residual import DEFAULT_MASK, check_mask
+
+    run = _Run(device, model_fingerprint=_model_fingerprint(model), data=BatchFingerprint(),
+               mask=check_mask(DEFAULT_MASK if mask is None else mask))
     ckpt = _agree(lambda: Checkpoint.at(checkpoint, rank, world, checkpoint_every,
                                         run.model_fingerprint), world, device)
     skip = int(ckpt.meta["batches"]) if ckpt is not None and ckpt.meta else 0
@@ -407,18 +418,21 @@ def _begin(run: _Run, model, x: Tensor, accumulator, layers, ckpt: Checkpoint | 
     """Trace on the first batch, make the accumulators, resume from a checkpoint."""
     run.plan = _start(model, x, layers)
     run.sample_shape = tuple(x.shape[1:])
+    from toolkit.residual import ActivityMasks
+
     run.accumulators = {layer.name: accumulator(layer) for layer in run.plan}
-    run.settings = {name: acc.settings() for name, acc in run.accumulators.items()}
+    run.settings = {"mask": run.mask, **{name: acc.settings() for name, acc in run.accumulators.items()}}
+    run.masks = ActivityMasks(model, run.plan, run.mask)
     if ckpt is not None and ckpt.meta:
         ckpt.load(run)
         run.images = int(ckpt.meta.get("images", 0))
 
 
 def _observe(model: nn.Module, run: _Run, x: Tensor) -> None:
-    def observe(layer, layer_input, output):
-        run.accumulators[layer.name].update(layer, layer_input, output)
+    def observe(layer, layer_input, output, active):
+        run.accumulators[layer.name].update(layer, layer_input, output, active)
 
-    with intercept(model, run.plan, on_layer=observe):
+    with run.masks.observe(model, observe):
         model(x)
     run.batches += 1
     run.images += x.shape[0]
@@ -440,7 +454,7 @@ def _finish(run: _Run, ckpt: Checkpoint | None, skip: int, world: int) -> Pass:
     if world > 1:
         for accumulator in run.accumulators.values():
             accumulator.all_reduce()
-    return Pass(run.plan, run.accumulators, run.batches, run.images, run.model_fingerprint)
+    return Pass(run.plan, run.accumulators, run.batches, run.images, run.model_fingerprint, run.mask)
 
 
 # ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Real image classifiers: torchvision's VGGs and AlexNet, and weights from local files.
+"""Real image classifiers: torchvision's VGGs, AlexNet and ResNets, and weights from local files.
 
 The paper explains VGG16 trained on ImageNet. This module builds that network (and its
-relatives: every VGG from vgg11 to vgg19, with and without BatchNorm, and AlexNet)
+relatives: every VGG from vgg11 to vgg19, with and without BatchNorm, AlexNet, and the
+residual networks resnet18, resnet34 and resnet50 -- see :mod:`toolkit.residual`)
 with one of three kinds of weights:
 
 * ``weights="DEFAULT"`` (or a weight name such as ``"IMAGENET1K_V1"``): torchvision's
@@ -48,6 +49,7 @@ TORCHVISION_MODELS = (
     "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn",
     "vgg19", "vgg19_bn",
+    "resnet18", "resnet34", "resnet50",
 )
 
 
@@ -108,7 +110,7 @@ def _missing_weights(name: str, weights: str, reason: str) -> WeightsNotFoundErr
 
 def torchvision_model(name: str, weights: str | os.PathLike | None = "DEFAULT", *,
                       download: bool = True, progress: bool = True) -> nn.Module:
-    """Build a torchvision VGG or AlexNet, in eval mode, on the CPU.
+    """Build a torchvision VGG, AlexNet or ResNet, in eval mode, on the CPU.
 
     Parameters
     ----------
