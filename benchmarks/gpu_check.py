@@ -7,7 +7,8 @@ Measures, on random weights and random images (nothing is downloaded):
 * the error of TF32 products against float32 products (relative Frobenius, worst layer
   and pattern) -- on random images *and* on raw 0..255 pixel values;
 * every explanation method's ``attribute`` as a multiple of the forward pass;
-* ``layer_quality`` for all 16 layers on ``--quality-images`` images.
+* ``layer_quality`` for all 16 layers on ``--quality-images`` images;
+* ResNet-50 at the same size: forward, both fits and PatternAttribution.
 
 Run from a plain checkout with ``PYTHONPATH=.`` (torch, torchvision, numpy, scipy, tqdm,
 safetensors; no Jupyter stack): ``benchmarks/gpu_check.sh`` does it with time limits.
@@ -54,6 +55,36 @@ def tf32_error(model, data) -> float:
     return worst
 
 
+def no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def resnet50(args, device) -> dict:
+    """ResNet-50 at the same size and batch: forward, both fits, PatternAttribution."""
+    import torchvision
+
+    import fit_patterns as fit_benchmark
+    from toolkit.methods import PatternAttribution
+    from toolkit.patterns import fit_patterns
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).to(device).eval()
+    g = torch.Generator(device=device).manual_seed(3)
+    batches = [torch.randn(args.batch, 3, args.size, args.size, device=device, generator=g)
+               for _ in range(args.long)]
+    options = argparse.Namespace(short=args.short, long=args.long, repeats=args.repeats,
+                                 batch=args.batch, compute_dtype="model")
+    result = {k: v for k, v in fit_benchmark.measure(model, batches, options, device).items() if k != "times_s"}
+    patterns = fit_patterns(model, batches[:2], progress=False, kinds=("linear", "positive"))
+    explainer = PatternAttribution(model, patterns, never_active="linear")
+    x = batches[0]
+    times = interleaved({"forward": lambda: no_grad(model, x), "patternattribution": lambda: explainer.attribute(x)},
+                        args.repeats, device)
+    result["patternattribution_ratio"] = median(times["patternattribution"]) / median(times["forward"])
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torchvision
@@ -89,7 +120,7 @@ def main(argv=None) -> dict:
     patterns = fit_patterns(model, batches[:2], progress=False)
     explainers = make_explainers(model, patterns)
     x = batches[0]
-    steps = {"forward": lambda: model(x)}
+    steps = {"forward": lambda: no_grad(model, x)}
     steps.update({name: (lambda e=e: e.attribute(x)) for name, e in explainers.items()})
     with torch.no_grad():
         model(x)
@@ -108,6 +139,8 @@ def main(argv=None) -> dict:
     synchronize(device)
     result["layer_quality"] = {"images": n, "seconds": time.perf_counter() - t0,
                                "layers": len(quality.layers), "mean_rho": quality.to_dict()}
+    result["resnet50"] = resnet50(args, device)
+    print("resnet50", result["resnet50"], flush=True)
     if cuda:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     result["wall_seconds"] = time.perf_counter() - started
