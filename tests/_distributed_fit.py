@@ -73,6 +73,29 @@ def batches() -> list[torch.Tensor]:
     return list(torch.split(images(N_IMAGES), BATCH))
 
 
+def run_workers(script: Path, world: int, out_dir: Path, timeout: float = 180) -> None:
+    """Run ``script RANK WORLD INIT_FILE OUT_DIR`` once per rank (gloo on the CPU, one
+    thread each) and wait; fail with every rank's log if any rank does."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    workers = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(out_dir / "init"),
+                                 str(out_dir)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    try:
+        logs = [w.communicate(timeout=timeout)[0] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert all(w.returncode == 0 for w in workers), "\n".join(logs)
+
+
 def quality_tensors(model, patterns) -> dict[str, torch.Tensor]:
     """rho(S) per neuron of every layer and estimator, keyed ``layer/estimator``."""
     from toolkit.quality import layer_quality

@@ -16,10 +16,6 @@ What must hold (float64, 1e-6 or better):
 """
 from __future__ import annotations
 
-import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,21 +278,9 @@ def test_lrpz_loses_exactly_the_bias_contributions():
 def test_two_processes_equal_one(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    init = tmp_path / "init"
-    workers = [subprocess.Popen([sys.executable, str(HERE / "_residual_net.py"), str(rank), "2",
-                                 str(init), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        logs = [w.communicate(timeout=180)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    assert all(w.returncode == 0 for w in workers), "\n".join(logs)
+    from _distributed_fit import run_workers
+
+    run_workers(HERE / "_residual_net.py", 2, tmp_path)
     net = tiny_residual()
     for mask in MASKS:
         single = fit(net, mask)
