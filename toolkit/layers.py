@@ -14,10 +14,12 @@ view of it: for each ``Conv2d`` or ``Linear`` layer, its input ``x``, its output
   and refuses every function or tensor method outside :data:`ALLOWED_OPERATIONS`
   (a ``torch.sigmoid`` or a residual addition written in ``forward`` is invisible to
   module hooks, and the rules would silently treat it as its gradient).
-* :class:`Layer` knows its folded weight and bias and the three linear operations the
-  estimators need: the layer map itself, its transpose (the backward pass through the
-  layer with any weight), and the *patch sums* ``sum_n g_n x_n^T`` over every sample and
-  every spatial position -- for a convolution this is exactly the weight gradient.
+* :class:`Layer` knows its folded weight and bias; the linear operations the estimators
+  need come from the adapter of its module type (:class:`NeuronOps`, one per type:
+  :class:`LinearOps`, :class:`Conv2dOps`, registered in :data:`LAYER_TYPES`): the
+  layer map itself, its transpose (the backward pass through the layer with any
+  weight), and the *patch sums* ``sum_n g_n x_n^T`` over every sample and every
+  spatial position -- for a convolution this is exactly the weight gradient.
 * :func:`intercept` temporarily routes every planned layer (and optionally every ReLU)
   through callbacks during a forward pass. The hooks are removed when it exits, so the
   user's model is never changed.
@@ -54,7 +56,6 @@ SUPPORTED_MODULES = (
     nn.BatchNorm2d,
     nn.Identity,
 )
-NEURON_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 class UnsupportedLayerError(TypeError):
@@ -72,6 +73,165 @@ def _unsupported(name: str, module: nn.Module, why: str = "") -> UnsupportedLaye
     return UnsupportedLayerError(
         f"layer '{name}' of type {type(module).__name__} is not supported{detail}"
     )
+
+
+# ----------------------------------------------------------------------------------
+# one adapter per type of neuron layer
+# ----------------------------------------------------------------------------------
+#: The adapter class of each neuron-layer module type, filled by :func:`layer_type`.
+LAYER_TYPES: dict[type, type["NeuronOps"]] = {}
+
+
+def layer_type(module_type: type):
+    """Register the decorated :class:`NeuronOps` subclass as the adapter of ``module_type``."""
+    def register(cls):
+        cls.module_type = module_type
+        LAYER_TYPES[module_type] = cls
+        return cls
+    return register
+
+
+class NeuronOps:
+    """What the estimators and rules need from one type of neuron layer, in one place.
+
+    A neuron layer maps its input ``x`` linearly to its output ``z = W x + b``; every
+    sample is one row of the layer's input (a Linear layer) or one receptive-field patch
+    at one output position (a convolution). An adapter knows, for its module type, the
+    layer map with any weight (:meth:`apply`), its transpose (:meth:`transpose`), the
+    *patch sums* ``sum_n g_n x_n^T`` over all samples (:meth:`patch_sums`, with
+    :meth:`cover_sums` for zero padding), and how samples are laid out
+    (:meth:`patches`, :meth:`neuron_values`). Chosen once per layer by module type
+    (:data:`LAYER_TYPES`); to support a new layer type, register a subclass with
+    :func:`layer_type` and add the module type to :data:`SUPPORTED_MODULES`.
+    """
+
+    module_type: type = nn.Module
+    #: Dimension of an output tensor that indexes the neurons.
+    neuron_dim: int = -1
+    #: Whether the patch sums of several batches should be made in one product (the
+    #: products are small, so gathering rows first saves passes over the float64 sums).
+    gathers_rows: bool = False
+    #: The input rank the layer needs (None: any, with features last).
+    input_rank: int | None = None
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``weight`` applied to ``x`` the way the layer applies ``W`` (no bias)."""
+        raise NotImplementedError
+
+    def transpose(self, grad: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        """``weight^T`` applied to ``grad``: the backward pass through the layer."""
+        raise NotImplementedError
+
+    def patch_sums(self, x: Tensor, g: Tensor) -> Tensor:
+        """``sum over samples of g[:, r] * patch(x)``, shaped like a weight with
+        ``g.shape[neuron_dim]`` rows."""
+        raise NotImplementedError
+
+    def cover_sums(self, input_shape: torch.Size, g: Tensor) -> Tensor:
+        """:meth:`patch_sums` of an all-ones input of one channel (``input_shape`` is
+        the real input's) for the output-shaped ``g``: per row and kernel position, the
+        sum of ``g`` over the samples whose patch covers the input there rather than
+        zero padding."""
+        raise NotImplementedError
+
+    def input_shift(self, x: Tensor) -> Tensor:
+        """The float64 mean of ``x`` per input channel, shaped like one row of the weight
+        with the patch positions broadcast: ``(1, D)`` or ``(1, C, 1, 1)``."""
+        raise NotImplementedError
+
+    def patches(self, x: Tensor) -> Tensor:
+        """The layer's input samples as rows, ``(samples, D)``, in the order of
+        :meth:`neuron_values`."""
+        raise NotImplementedError
+
+    def neuron_values(self, t: Tensor) -> Tensor:
+        """An output-shaped tensor as ``(samples, neurons)``."""
+        return t.movedim(self.neuron_dim, -1).reshape(-1, t.shape[self.neuron_dim])
+
+    def neuron_means(self, z: Tensor) -> Tensor:
+        """The float64 mean of an output-shaped tensor per neuron, ``(J,)``."""
+        dims = tuple(d for d in range(z.dim()) if d != self.neuron_dim % z.dim())
+        return z.mean(dims, dtype=torch.float64)
+
+
+@layer_type(nn.Linear)
+class LinearOps(NeuronOps):
+    """A Linear layer: every row of its input is one sample; no padding."""
+
+    neuron_dim = -1
+    gathers_rows = True
+
+    def apply(self, x, weight):
+        return F.linear(x, weight)
+
+    def transpose(self, grad, weight, input_shape):
+        return grad @ weight
+
+    def patch_sums(self, x, g):
+        return self.neuron_values(g).T @ self.patches(x)
+
+    def cover_sums(self, input_shape, g):
+        return self.neuron_values(g).sum(0)[:, None]
+
+    def input_shift(self, x):
+        return self.patches(x).mean(0, dtype=torch.float64)[None]
+
+    def patches(self, x):
+        return x.reshape(-1, x.shape[-1])
+
+
+@layer_type(nn.Conv2d)
+class Conv2dOps(NeuronOps):
+    """A convolution: every output position of every image is one sample, whose input
+    is the receptive-field patch (zero padding included) flattened like
+    ``weight[j].reshape(-1)``; the patch sums are the weight gradient."""
+
+    neuron_dim = 1
+    input_rank = 4
+
+    def _geometry(self) -> tuple:
+        m = self.module
+        return m.stride, m.padding, m.dilation
+
+    def apply(self, x, weight):
+        return F.conv2d(x, weight, None, *self._geometry())
+
+    def transpose(self, grad, weight, input_shape):
+        return torch.nn.grad.conv2d_input(input_shape, weight, grad, *self._geometry())
+
+    def patch_sums(self, x, g):
+        shape = (g.shape[1], x.shape[1], *self.module.kernel_size)
+        return torch.nn.grad.conv2d_weight(x, shape, g, *self._geometry())
+
+    def cover_sums(self, input_shape, g):
+        """Shaped ``(rows, 1, kh, kw)``. Whether kernel position ``(a, b)`` of output
+        position ``(i, j)`` covers the input factorises into one condition per axis, so
+        the sums are two small matrix products with those 0/1 conditions (much cheaper
+        than the convolution of a one-channel image)."""
+        per_position = g.sum(0)                                   # (rows, H', W')
+        rows, cols = (self._covers(axis, input_shape[2 + axis], g.shape[2 + axis], g.device).to(g.dtype)
+                      for axis in (0, 1))
+        return torch.einsum("rij,ai,bj->rab", per_position, rows, cols)[:, None]
+
+    def _covers(self, axis: int, size: int, out_size: int, device) -> Tensor:
+        """``(k, out_size)`` bool: kernel position ``a`` of output position ``i`` lies
+        inside the input (not in the zero padding) along ``axis``."""
+        m = self.module
+        start = torch.arange(out_size, device=device) * m.stride[axis] - m.padding[axis]
+        offset = torch.arange(m.kernel_size[axis], device=device) * m.dilation[axis]
+        where = start[None, :] + offset[:, None]
+        return (where >= 0) & (where < size)
+
+    def input_shift(self, x):
+        return x.mean((0, 2, 3), dtype=torch.float64).reshape(1, -1, 1, 1)
+
+    def patches(self, x):
+        m = self.module
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 @dataclass
@@ -93,10 +253,20 @@ class Layer:
     module: nn.Module
     batchnorm: nn.BatchNorm2d | None = None
     batchnorm_name: str | None = None
+    #: The adapter of the layer's module type (:data:`LAYER_TYPES`), chosen once.
+    ops: NeuronOps = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        kind = next((t for t in type(self.module).__mro__ if t in LAYER_TYPES), None)
+        if kind is None:
+            raise _unsupported(self.name, self.module, "it is not a neuron layer")
+        self.ops = LAYER_TYPES[kind](self.module)
 
     @property
     def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
+        """Whether the layer is a convolution (for messages and tests; the operations
+        come from :attr:`ops`)."""
+        return isinstance(self.ops, Conv2dOps)
 
     @property
     def output_module(self) -> nn.Module:
@@ -141,62 +311,36 @@ class Layer:
             b = b * scale.detach() + shift.detach()
         return b
 
-    # -- the three linear operations ----------------------------------------------
+    # -- the linear operations, from the layer type's adapter ------------------------
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
         """``weight`` applied to ``x`` the way the layer applies ``W`` (no bias)."""
-        if self.is_conv:
-            m = self.module
-            return F.conv2d(x, weight, None, m.stride, m.padding, m.dilation)
-        return F.linear(x, weight)
+        return self.ops.apply(x, weight)
 
     def transpose(self, grad: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
         """``weight^T`` applied to ``grad``: the backward pass through the layer with ``weight``."""
-        if self.is_conv:
-            m = self.module
-            return torch.nn.grad.conv2d_input(
-                input_shape, weight, grad, m.stride, m.padding, m.dilation
-            )
-        return grad @ weight
+        return self.ops.transpose(grad, weight, input_shape)
 
-    def patch_sums(self, x: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
+    def patch_sums(self, x: Tensor, g: Tensor) -> Tensor:
         """``sum over samples and positions of g[j] * patch(x)``, shaped like a weight with
-        ``g.shape[1]`` rows; added to ``out`` in place when it is given.
+        ``g.shape[neuron_dim]`` rows: ``g^T x`` for a Linear layer, the weight gradient
+        for the output gradient ``g`` for a convolution (see :class:`NeuronOps`)."""
+        return self.ops.patch_sums(x, g)
 
-        For a Linear layer this is ``g^T x``; for a convolution every spatial output
-        position of every image is one sample whose input is the receptive-field patch
-        (flattened in the order of ``weight[j].reshape(-1)``), and the sum is the
-        convolution's weight gradient for the output gradient ``g``.
-        """
-        if self.is_conv:
-            m = self.module
-            shape = (g.shape[1], *self.weight_shape[1:])
-            sums = torch.nn.grad.conv2d_weight(x, shape, g, m.stride, m.padding, m.dilation)
-            return sums if out is None else out.add_(sums)
-        g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        if out is None:
-            return g.T @ x
-        return out.addmm_(g.T.to(out.dtype), x.to(out.dtype))
+    def cover_sums(self, input_shape: torch.Size, g: Tensor) -> Tensor:
+        """:meth:`patch_sums` of an all-ones input of one channel (``input_shape`` the
+        real input's) for the output-shaped ``g``; ``(rows, 1, kh, kw)`` for a
+        convolution, ``(rows, 1)`` for a Linear layer (no padding: the sums of ``g``)."""
+        return self.ops.cover_sums(input_shape, g)
 
-    def cover_sums(self, spatial: torch.Size, g: Tensor) -> Tensor:
-        """:meth:`patch_sums` of an all-ones input (one channel, ``spatial`` size) for the
-        output-shaped ``g``: per row and kernel position, the sum of ``g`` over the
-        positions where the kernel covers the input rather than its zero padding.
-        Shaped ``(rows, 1, kh, kw)`` for a convolution, ``(rows, 1)`` for a Linear
-        layer (which has no padding: the plain sums of ``g``)."""
-        if self.is_conv:
-            m = self.module
-            ones = torch.ones((1, 1, *spatial), dtype=g.dtype, device=g.device)
-            shape = (g.shape[1], 1, *self.weight_shape[2:])
-            return torch.nn.grad.conv2d_weight(ones, shape, g.sum(0, keepdim=True), m.stride,
-                                               m.padding, m.dilation)
-        return g.reshape(-1, g.shape[-1]).sum(0)[:, None]
+    def patches(self, x: Tensor) -> Tensor:
+        """The layer's input samples as rows, ``(samples, D)``, in the order of
+        :meth:`neuron_values`."""
+        return self.ops.patches(x)
 
     def neuron_values(self, t: Tensor) -> Tensor:
         """Reshape an output-shaped tensor to ``(samples, neurons)``, one row per sample
         and spatial position."""
-        if self.is_conv:
-            return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-        return t.reshape(-1, t.shape[-1])
+        return self.ops.neuron_values(t)
 
 
 @dataclass
@@ -523,7 +667,7 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     previous = None
     for name, module, inp, out in calls:
         _check_settings(name, module)
-        if isinstance(module, NEURON_LAYERS):
+        if isinstance(module, tuple(LAYER_TYPES)):
             if name in seen:
                 raise _unsupported(name, module, "it is called more than once in the forward pass")
             seen.add(name)

@@ -462,10 +462,11 @@ def _check_input_rank(inputs: Tensor, plan: Plan) -> None:
     """A convolutional network needs (N, C, H, W): an unbatched (C, H, W) image would
     otherwise pass through the convolutions as one sample with C rows."""
     first = plan.layers[0]
-    if first.is_conv and inputs.dim() != 4:
+    rank = first.ops.input_rank
+    if rank is not None and inputs.dim() != rank:
         raise ValueError(
             f"inputs of shape {tuple(inputs.shape)} are not (N, C, H, W), as the model's "
-            f"first layer '{first.name}' (Conv2d) needs"
+            f"first layer '{first.name}' ({type(first.module).__name__}) needs"
         )
 
 

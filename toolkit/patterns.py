@@ -117,7 +117,6 @@ class Statistics:
         self.groups = output_groups(self.kinds)
         self.dtype = dtype
         self.gather_rows = gather_rows
-        self.is_conv = layer.is_conv
         self.weight_shape = tuple(layer.weight_shape)
         self.tensors_: dict[str, Tensor] = {}
         self._rows: list[tuple[Tensor, Tensor]] = []
@@ -142,7 +141,6 @@ class Statistics:
         stats = cls.__new__(cls)
         stats.kinds = tuple(k for k in KINDS if k in kinds)
         stats.groups, stats.dtype, stats.gather_rows = output_groups(stats.kinds), None, 1024
-        stats.is_conv = tensors["shift_x"].dim() == 4
         stats.weight_shape = (tensors["sum_y"].shape[0], *tensors["x.ones"].shape[1:])
         stats.tensors_, stats._rows = dict(tensors), []
         return stats
@@ -174,13 +172,9 @@ class Statistics:
         t = self.tensors_
         x_shifted = x.to(dtype) - t["shift_x"].to(dtype)
         offset = (layer.bias().double() + t["shift_y"]).to(dtype)
-        z = z.to(dtype)
         with _tf32(self.dtype == "tf32"):
-            if self.is_conv:
-                sum_y = self._add_conv(layer, x_shifted, z, offset, dtype, active)
-            else:
-                sum_y = self._add_rows(x_shifted, z, offset, dtype, active)
-        t["n"] += z.numel() // z.shape[1 if self.is_conv else -1]
+            sum_y = self._add(layer.ops, x_shifted, z.to(dtype), offset, active)
+        t["n"] += z.numel() // z.shape[layer.ops.neuron_dim]
         t["sum_y"] += sum_y
 
     def flush(self) -> None:
@@ -193,13 +187,7 @@ class Statistics:
         self._rows = []
         with _tf32(self.dtype == "tf32"):
             for group, part in self._group_slices().items():
-                product = gs[:, part].T @ xs
-                key = f"x.{group}"
-                if key in self.tensors_:
-                    self.tensors_[key].add_(product)
-                else:
-                    self.tensors_[key] = product.to(torch.float64)
-                del product
+                self._accumulate(f"x.{group}", gs[:, part].T @ xs)
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
@@ -216,28 +204,14 @@ class Statistics:
     # -- the sums of one batch -----------------------------------------------------
     def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype) -> None:
         """Empty sums; the shifts are the first batch's means, rounded to the products'
-        dtype so that the shifted values and the exact corrections use the same ones."""
+        dtype so that the shifted values and the exact corrections use the same ones.
+        The sums of the groups are made by the first batch (:meth:`_accumulate`)."""
         kw = dict(dtype=torch.float64, device=z.device)
-        j, shape = self.weight_shape[0], self.weight_shape
-        if self.is_conv:
-            shift_x = x.mean((0, 2, 3), dtype=torch.float64).reshape(1, -1, 1, 1)
-            y_mean = z.mean((0, 2, 3), dtype=torch.float64)
-            cover_shape = (1, *shape[2:])
-        else:
-            shift_x = x.reshape(-1, x.shape[-1]).mean(0, dtype=torch.float64)[None]
-            y_mean = z.reshape(-1, z.shape[-1]).mean(0, dtype=torch.float64)
-            cover_shape = (1,)
-        bias = layer.bias().double()
-        offset = y_mean.to(dtype).double()           # b + shift_y, exactly representable
-        t = {"n": torch.zeros((), **kw), "shift_x": shift_x.to(dtype).double(),
-             "shift_y": offset - bias, "sum_y": torch.zeros(j, **kw)}
-        for group in self.groups:
-            rows = 1 if group == "ones" else j
-            if self.is_conv:  # a Linear layer's sums are made by its first flush
-                t[f"x.{group}"] = torch.zeros((rows, *shape[1:]), **kw)
-            t[f"cover.{group}"] = torch.zeros((rows, *cover_shape), **kw)
-            t[f"total.{group}"] = torch.zeros(rows, **kw)
-        self.tensors_ = t
+        offset = layer.ops.neuron_means(z).to(dtype).double()   # b + shift_y, exactly representable
+        self.tensors_ = {"n": torch.zeros((), **kw),
+                         "shift_x": layer.ops.input_shift(x).to(dtype).double(),
+                         "shift_y": offset - layer.bias().double(),
+                         "sum_y": torch.zeros(self.weight_shape[0], **kw)}
 
     def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int, active: Tensor | None
               ) -> Tensor | None:
@@ -245,14 +219,10 @@ class Statistics:
         neurons) with few passes: the mask, then ``y - shift_y`` and its two sides.
         Returns the sums of ``y - shift_y`` over the samples where no group holds them
         (a fit of one side only), else None."""
-        j = self.weight_shape[0]
-        parts, start = {}, 0
-        for group in self.groups:
-            rows = 1 if group == "ones" else j
-            parts[group] = g.narrow(channel, start, rows)
-            start += rows
+        parts = {group: g.narrow(channel, part.start, part.stop - part.start)
+                 for group, part in self._group_slices().items()}
         shape = [1] * z.dim()
-        shape[channel] = j
+        shape[channel] = self.weight_shape[0]
         offset = offset.reshape(shape)
         samples = tuple(d for d in range(z.dim()) if d != channel)
         parts["ones"].fill_(1)
@@ -287,48 +257,49 @@ class Statistics:
             return totals[part["y_all"]]
         return totals[part["y_pos"]] + totals[part["y_neg"]]
 
+    def _group_rows(self, group: str) -> int:
+        return 1 if group == "ones" else self.weight_shape[0]
+
     def _group_slices(self) -> dict[str, slice]:
+        """Where each group's rows lie in the buffer of one batch."""
         slices, start = {}, 0
         for group in self.groups:
-            rows = 1 if group == "ones" else self.weight_shape[0]
-            slices[group] = slice(start, start + rows)
-            start += rows
+            slices[group] = slice(start, start + self._group_rows(group))
+            start += self._group_rows(group)
         return slices
 
-    def _add_conv(self, layer: Layer, x: Tensor, z: Tensor, offset: Tensor, dtype, active) -> Tensor:
-        rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
-        g = torch.empty((z.shape[0], rows, *z.shape[2:]), dtype=dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel=1, active=active)
-        sums = layer.patch_sums(x, g)
-        per_position = g.sum(0, keepdim=True)                          # (1, rows, H', W')
-        cover = layer.cover_sums(x.shape[2:], per_position).double()  # (rows, 1, kh, kw)
-        totals = per_position[0].sum((1, 2)).double()  # counts exact in float32 below 2**24
-        self._add_groups(sums, cover, totals)
-        return self._sum_y(totals, direct)
-
-    def _add_rows(self, x: Tensor, z: Tensor, offset: Tensor, dtype, active) -> Tensor:
-        x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
-        active = None if active is None else active.reshape(z.shape)
-        rows = sum(1 if g == "ones" else self.weight_shape[0] for g in self.groups)
-        g = torch.empty((z.shape[0], rows), dtype=dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel=1, active=active)
-        totals = g.sum(0).double()
-        self._add_groups(None, totals[:, None], totals)
-        self._rows.append((x, g))
-        if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
-            self.flush()
-        return self._sum_y(totals, direct)
-
-    def _add_groups(self, sums: Tensor | None, cover: Tensor, totals: Tensor) -> None:
-        t, start = self.tensors_, 0
-        for group in self.groups:
-            rows = 1 if group == "ones" else self.weight_shape[0]
-            part = slice(start, start + rows)
+    def _add(self, ops, x: Tensor, z: Tensor, offset: Tensor, active: Tensor | None) -> Tensor:
+        """Add one batch's sums: the groups' values ``g`` (one buffer), their patch sums
+        with the shifted input (gathered first where the layer type wants it), their
+        cover sums and totals. Returns the batch's sum of ``y - shift_y``."""
+        channel = ops.neuron_dim % z.dim()
+        shape = list(z.shape)
+        shape[channel] = sum(self._group_rows(group) for group in self.groups)
+        g = torch.empty(shape, dtype=z.dtype, device=z.device)
+        direct = self._fill(g, z, offset, channel, active)
+        per_position = g.sum(0, keepdim=True)
+        totals = ops.neuron_values(per_position).sum(0).double()  # counts exact below 2**24
+        cover = ops.cover_sums(x.shape, per_position).double()
+        sums = None
+        if ops.gathers_rows:
+            self._rows.append((ops.patches(x), ops.neuron_values(g)))
+            if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
+                self.flush()
+        else:
+            sums = ops.patch_sums(x, g)
+        for group, part in self._group_slices().items():
             if sums is not None:
-                t[f"x.{group}"].add_(sums[part])
-            t[f"cover.{group}"].add_(cover[part])
-            t[f"total.{group}"].add_(totals[part])
-            start += rows
+                self._accumulate(f"x.{group}", sums[part])
+            self._accumulate(f"cover.{group}", cover[part])
+            self._accumulate(f"total.{group}", totals[part])
+        return self._sum_y(totals, direct)
+
+    def _accumulate(self, key: str, value: Tensor) -> None:
+        """Add ``value`` to the float64 sum ``key``; the first value becomes the sum."""
+        if key in self.tensors_:
+            self.tensors_[key].add_(value)
+        else:
+            self.tensors_[key] = value.to(torch.float64, copy=True)
 
     # -- exact re-expression -------------------------------------------------------
     def reshift(self, shift_x: Tensor, shift_y: Tensor) -> None:

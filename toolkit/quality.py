@@ -38,7 +38,6 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.layers import Layer, Plan
@@ -158,17 +157,11 @@ def estimator_patterns(name: str, weight: Tensor, layer_patterns=None, seed: int
 # streamed moments
 # ----------------------------------------------------------------------------------
 def layer_patches(layer: Layer, x: Tensor) -> Tensor:
-    """The layer's input samples as rows, ``(samples, D)``.
-
-    For a Linear layer the inputs themselves; for a convolution every receptive-field
+    """The layer's input samples as rows, ``(samples, D)`` (:meth:`Layer.patches`):
+    for a Linear layer the inputs themselves; for a convolution every receptive-field
     patch (zero padding included), flattened like ``weight[j].reshape(-1)``, one row per
-    image and output position in the order of :meth:`Layer.neuron_values`.
-    """
-    if not layer.is_conv:
-        return x.reshape(-1, x.shape[-1])
-    m = layer.module
-    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    image and output position in the order of :meth:`Layer.neuron_values`."""
+    return layer.patches(x)
 
 
 @dataclass
