@@ -201,26 +201,20 @@ def estimator_patterns(model: nn.Module, patterns, estimator: str, inputs: Tenso
     """
     from toolkit.layers import trace
     from toolkit.patterns import LayerPatterns, Patterns
-    from toolkit.quality import filter_pattern, random_pattern
+    from toolkit.quality import estimator_directions
 
     if estimator not in ESTIMATORS or ESTIMATORS[estimator].pattern == "none":
         choices = [name for name, e in ESTIMATORS.items() if e.pattern != "none"]
         raise ValueError(f"estimator must be one of {choices}, not {estimator!r}")
-    source = ESTIMATORS[estimator]
-    if source.pattern_kinds == ("positive", "negative"):
+    if ESTIMATORS[estimator].pattern_kinds == ("positive", "negative"):
         return patterns
     plan = trace(model, inputs)
     patterns.check(model, plan)
     weights = {layer.name: layer.weight() for layer in plan}
     layers = {}
-    for name, p in patterns.layers.items():
-        if source.pattern == "fitted":
-            a = getattr(p, source.pattern_kinds[0])
-        elif source.pattern == "filter":
-            a = filter_pattern(weights[name]).cpu()
-        else:
-            a = random_pattern(weights[name], seed)
-        layers[name] = LayerPatterns(a, a, a)
+    for name, p in patterns.layers.items():  # a linear-type estimator: a_+ = a_- = a
+        a, _ = estimator_directions(estimator, weights[name], p, seed)
+        layers[name] = LayerPatterns(a.cpu(), a.cpu(), a.cpu())
     return Patterns(layers, patterns.fingerprint, mean_y=patterns.mean_y)
 
 

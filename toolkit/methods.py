@@ -9,6 +9,12 @@ value the pass starts from (``start="one"`` or ``"logit"``). The rules, the star
 values and PatternAttribution as deep Taylor decomposition are in docs/math.md,
 sections 6-7.
 
+Every method declares itself once, on its class, with :func:`register`: its name (one
+spelling for :mod:`toolkit.compare`, the ``toolkit`` command, the benchmarks and the
+README), its titles, whether it returns a signal or an attribution, and which fitted
+patterns it reads (:class:`Method`, collected in :data:`REGISTRY`). A class may register
+several variants, as PatternNet does with the linear and the two-component patterns.
+
 Example::
 
     from toolkit import PatternNet, fit_patterns
