@@ -187,3 +187,17 @@ def test_quality_compare_and_figures_read_the_estimator_table():
     assert toy.ESTIMATOR_LABELS["two_component"] == r"two-component $S_{a\pm}$"
     assert _PLAIN_NAMES["two_component"] == "two-component S_a+-"
     assert images.OUTPUTS == OUTPUTS
+
+
+def test_building_the_command_line_reads_the_registry_only_for_its_help():
+    """The method names reach the help when it is shown: ``toolkit --help`` and building
+    the parser import no torch (seconds on a busy machine)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from toolkit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(README.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

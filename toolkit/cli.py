@@ -61,6 +61,25 @@ def _method_names() -> str:
     return ", ".join(methods) + (f" (also {', '.join(aliases)})" if aliases else "")
 
 
+def _pattern_method_names() -> str:
+    return ", ".join(name for name, m in _methods().items() if m.needs_patterns)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills the registered method names into the help strings (``{methods}``,
+    ``{pattern_methods}``) only when a help is shown, so that building the parser does not
+    import torch (which takes seconds)."""
+
+    NAMES = {"{methods}": _method_names, "{pattern_methods}": _pattern_method_names}
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        for placeholder, names in self.NAMES.items():
+            if text and placeholder in text:
+                text = text.replace(placeholder, names())
+        return text
+
+
 class CommandError(ValueError):
     """A problem with the command line that the user can fix."""
 
@@ -529,7 +548,7 @@ def _model_arguments(parser: argparse.ArgumentParser, patterns: str | None = Non
     elif patterns == "optional":
         group.add_argument("--patterns", metavar="FILE",
                            help="patterns written by 'toolkit fit' (needed by the pattern methods: "
-                                f"{', '.join(n for n, m in _methods().items() if m.needs_patterns)})")
+                                "{pattern_methods})")
 
 
 def _image_arguments(group) -> None:
@@ -621,12 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "by each --method next to the input.",
         epilog="example:\n  toolkit explain --model vgg16 --patterns vgg16.patterns.safetensors "
                "--method gradient,patternnet,patternattribution data/images/*.jpg --out explanations",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(explain, patterns="optional")
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     group = explain.add_argument_group("explanation")
     group.add_argument("--method", action="append", metavar="METHOD",
-                       help=f"one of {_method_names()}; repeat it or give a comma-separated list "
+                       help="one of {methods}; repeat it or give a comma-separated list "
                             "for several (default: patternattribution)")
     group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
                        help="which patterns patternnet/patternattribution use (default: two_component; "
@@ -642,12 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replace the most relevant regions of each image first (by each method's "
                     "explanation of the predicted class), record the probability of that class after "
                     "every step, and print the AOPC (area over the perturbation curve) of every method; "
-                    "write the curves to OUT/perturbation.png and the AOPCs to OUT/aopc.csv.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "write the curves to OUT/perturbation.png and the AOPCs to OUT/aopc.csv.", formatter_class=HelpFormatter)
     _model_arguments(perturbation, patterns="optional")
     _data_arguments(perturbation, "val")
     group = perturbation.add_argument_group("perturbation")
     group.add_argument("--methods", nargs="+", default=["gradient", "patternnet", "patternattribution", "random"],
-                       metavar="METHOD", help=f"methods to compare, of {_method_names()}, and random (the "
+                       metavar="METHOD", help="methods to compare, of {methods}, and random (the "
                             "baseline: regions in random order) (default: gradient patternnet patternattribution random)")
     group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
                        help="patterns used by patternnet/patternattribution (default: two_component; "
