@@ -630,7 +630,7 @@ def tensor_dataset(path: str | os.PathLike, split: str | None = None) -> TensorD
     if key is None:
         raise ValueError(
             f"{path} has no array {' / '.join(image_keys)} (it has {', '.join(map(str, arrays)) or 'none'}); "
-            "with --split NAME the arrays NAME_images and NAME_labels are read"
+            "with split NAME (the command's --split NAME) the arrays NAME_images and NAME_labels are read"
         )
     images = torch.as_tensor(np.asarray(arrays[key]) if not isinstance(arrays[key], torch.Tensor) else arrays[key])
     if not images.is_floating_point():
