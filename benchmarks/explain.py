@@ -24,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import DTYPES, median_seconds  # noqa: E402
 from toolkit.layers import trace
 from toolkit.compare import TITLES, make_explainers
+from toolkit.methods import REGISTRY
 from toolkit.patterns import LayerPatterns, Patterns, fingerprint
 
-#: The explanation methods timed (names of toolkit.compare.METHODS).
-BENCHMARKED = ("gradient", "deconvnet", "guided_backprop", "patternnet", "patternattribution", "lrp_z")
+#: The explanation methods timed: every registered method but the variants (the
+#: linear-pattern ones time the same as their two-component method).
+BENCHMARKED = tuple(name for name, m in REGISTRY.items() if not m.options)
 
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg16_bn", "alexnet")
 

@@ -62,7 +62,7 @@ def main() -> None:
 
     from toolkit.layers import trace
     from toolkit.patterns import fit_patterns
-    from toolkit.quality import (ESTIMATORS, collect_moments, estimator_patterns, layer_quality,
+    from toolkit.quality import (MEASURABLE, collect_moments, estimator_directions, layer_quality,
                                  rho_from_moments)
 
     device = torch.device(args.device)
@@ -105,14 +105,14 @@ def main() -> None:
     moments_s = time.perf_counter() - start
 
     head = f"{'layer':<14}{'D':>7}{'J':>6}{'n':>10}{'seconds':>9}"
-    head += "".join(f"{e:>15}" for e in ESTIMATORS)
+    head += "".join(f"{e:>15}" for e in MEASURABLE)
     print(head)
     print("-" * len(head))
     closed_s = 0.0
     for layer in layers:
         weight = layer.weight().to(torch.float64)
-        directions = {e: estimator_patterns(e, weight, patterns[layer.name], seed=0)
-                      for e in ESTIMATORS}
+        directions = {e: estimator_directions(e, weight, patterns[layer.name], seed=0)
+                      for e in MEASURABLE}
         synchronize(device)
         start = time.perf_counter()
         rho, defined = rho_from_moments(moments[layer.name], weight, directions)
@@ -121,7 +121,7 @@ def main() -> None:
         closed_s += seconds
         m = moments[layer.name]
         means = "".join(f"{float(rho[e][defined[e]].mean()) if defined[e].any() else math.nan:>15.4f}"
-                        for e in ESTIMATORS)
+                        for e in MEASURABLE)
         print(f"{layer.name:<14}{m.dim:>7}{layer.out_features:>6}{int(m.n):>10,}{seconds:>9.2f}{means}")
     total = moments_s + closed_s
     print(f"\nfit_patterns {fit_s:.2f} s; layer_quality {total:.2f} s = moments {moments_s:.2f} s "

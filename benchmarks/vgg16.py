@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import DTYPES, device_name, median_seconds, synchronize, verdict  # noqa: E402
+from toolkit.methods import REGISTRY  # noqa: E402
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "alexnet")
 #: (what, largest allowed ratio to the forward pass); benchmarks/fit_patterns.py measures
 #: the fit's marginal cost per image end to end
@@ -51,8 +52,9 @@ TARGET_QUALITY_IMAGES, TARGET_QUALITY_SECONDS = 5000, 300.0
 CPU_QUALITY_MAX_DIM = 4608
 
 
-#: The explanation methods timed (names of toolkit.compare.METHODS).
-BENCHMARKED = ("gradient", "deconvnet", "guided_backprop", "patternnet", "patternattribution", "lrp_z")
+#: The explanation methods timed: every registered method but the variants (the
+#: linear-pattern ones time the same as their two-component method).
+BENCHMARKED = tuple(name for name, m in REGISTRY.items() if not m.options)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
     from toolkit.layers import evaluation_mode, intercept, trace
     from toolkit.compare import TITLES, make_explainers
     from toolkit.patterns import KINDS, Patterns, Statistics, fingerprint
-    from toolkit.quality import collect_moments, estimator_patterns, rho_from_moments, ESTIMATORS
+    from toolkit.quality import collect_moments, estimator_directions, rho_from_moments, MEASURABLE
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +177,7 @@ def main(argv=None) -> dict:
     quality = None
     if args.quality_images > 0:
         quality = quality_run(args, model, patterns, plan, device, dtype, collect_moments,
-                              estimator_patterns, rho_from_moments, ESTIMATORS)
+                              estimator_directions, rho_from_moments, MEASURABLE)
     if device.type == "cuda":
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB")
 
@@ -191,7 +193,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def quality_run(args, model, patterns, plan, device, dtype, collect_moments, estimator_patterns,
+def quality_run(args, model, patterns, plan, device, dtype, collect_moments, estimator_directions,
                 rho_from_moments, estimators) -> dict:
     """Time layer_quality's two parts: the moments pass over the images and the closed form."""
     max_dim = args.quality_max_dim
@@ -214,7 +216,7 @@ def quality_run(args, model, patterns, plan, device, dtype, collect_moments, est
         _, moments = collect_moments(model, warm, layers=names, device=device, progress=False)
         for layer in layers[:1]:
             w = layer.weight().to(torch.float64)
-            rho_from_moments(moments[layer.name], w, {e: estimator_patterns(e, w, patterns[layer.name])
+            rho_from_moments(moments[layer.name], w, {e: estimator_directions(e, w, patterns[layer.name])
                                                       for e in estimators})
         del moments
         synchronize(device)
@@ -226,7 +228,7 @@ def quality_run(args, model, patterns, plan, device, dtype, collect_moments, est
         closed = {}
         for layer in layers:
             w = layer.weight().to(torch.float64)
-            directions = {e: estimator_patterns(e, w, patterns[layer.name]) for e in estimators}
+            directions = {e: estimator_directions(e, w, patterns[layer.name]) for e in estimators}
             synchronize(device)
             started = time.perf_counter()
             rho_from_moments(moments[layer.name], w, directions)

@@ -9,7 +9,7 @@ What must hold:
   components;
 * ``ground_truth_scores`` gives the true signal perfect scores, the distractor a
   distractor correlation of 1, no correlations for attributions, and a stable table;
-* ``merge_quality`` joins layer-quality results, ``quality_table`` rounds them.
+* ``merge_quality`` joins layer-quality results, ``QualityResult.table(ideal=True)`` rounds them.
 """
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from toolkit import compare
-from toolkit.compare import (KINDS, METHODS, PATTERN_METHODS, TITLES, ScoreTable, estimator_patterns,
-                             explain_all, ground_truth_scores, make_explainers, merge_quality,
-                             ideal_rho, quality_table)
+from toolkit.compare import (OUTPUTS, METHODS, PATTERN_METHODS, TITLES, ScoreTable, estimator_patterns,
+                             explain_all, ground_truth_scores, make_explainers, merge_quality)
 from toolkit.data import make_ground_truth_images
-from toolkit.methods import (LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
+from toolkit.methods import (LRPZ, Absolute, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
                              PatternNet)
 from toolkit.patterns import fit_patterns
 
@@ -54,9 +53,9 @@ def patterns(net, images):
 # explainers
 # ----------------------------------------------------------------------------------
 def test_tables_cover_every_method():
-    assert set(KINDS) == set(METHODS) == set(TITLES)
+    assert set(OUTPUTS) == set(METHODS) == set(TITLES)
     assert set(PATTERN_METHODS) <= set(METHODS)
-    assert {KINDS[m] for m in METHODS} == {"signal", "attribution"}
+    assert {OUTPUTS[m] for m in METHODS} == {"signal", "attribution"}
 
 
 def test_make_explainers_types_and_kinds(net, patterns):
@@ -220,10 +219,10 @@ def test_merge_quality_and_table(net, patterns, images):
         for estimator in merged.estimators:
             assert merged.mean[layer][estimator] == pytest.approx(whole.mean[layer][estimator], abs=1e-9)
         assert merged.samples[layer] == whole.samples[layer]
-    text = quality_table(merged)
+    text = merged.table(decimals=2, ideal=True)
     assert len(text.splitlines()) == 2 + len(merged.layers)
     assert "ideal" in text.splitlines()[0]
-    ideal = ideal_rho(merged)
+    ideal = merged.ideal_rho()
     assert all(0.0 <= c < 1.0 for c in ideal.values())
     with pytest.raises(ValueError, match="more than one"):
         merge_quality(a, a)
@@ -259,7 +258,7 @@ def test_explain_estimators(net, patterns, images):
 
 def test_absolute_and_perturb_all(net, patterns, images):
     gradient = Gradient(net)
-    absolute = compare.Absolute(gradient)
+    absolute = Absolute(gradient)
     torch.testing.assert_close(absolute.attribute(images[:3], 1), gradient.attribute(images[:3], 1).abs())
     explainers = {"gradient": gradient, "abs": absolute}
     results = compare.perturb_all(net, explainers, images[:6], patch=4, steps=3, random_repeats=2,

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from toolkit.layers import UnsupportedLayerError, trace
 from toolkit.linear import fit_filter, make_data
-from toolkit.methods import (LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
+from toolkit.methods import (LRPZ, REGISTRY, DeconvNet, Gradient, GuidedBackprop, PatternAttribution,
                              PatternNet)
 from toolkit.patterns import LayerPatterns, PatternMismatchError, Patterns, fingerprint, fit_patterns
 
@@ -316,14 +316,13 @@ def test_patternnet_ignores_the_distractor_the_gradient_follows(toy):
 # ----------------------------------------------------------------------------------
 # the model and the inputs are left alone
 # ----------------------------------------------------------------------------------
-ALL_METHODS = ["Gradient", "DeconvNet", "GuidedBackprop", "PatternNet", "PatternAttribution", "LRPZ"]
+#: Every registered method goes through the common checks below.
+ALL_METHODS = list(REGISTRY)
 
 
 def make_method(name, model, x, **kwargs):
-    cls = {c.__name__: c for c in (Gradient, DeconvNet, GuidedBackprop, PatternNet, PatternAttribution, LRPZ)}[name]
-    if cls in (PatternNet, PatternAttribution):
-        return cls(model, patterns_like(model, x), **kwargs)
-    return cls(model, **kwargs)
+    method = REGISTRY[name]
+    return method.make(model, patterns_like(model, x) if method.needs_patterns else None, **kwargs)
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)

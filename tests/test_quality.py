@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 
 from toolkit.linear import UndefinedQualityError  # noqa: E402
 from toolkit.patterns import PatternMismatchError, fit_patterns  # noqa: E402
-from toolkit.quality import (ESTIMATORS, QualityResult, collect_moments, filter_pattern,  # noqa: E402
+from toolkit.quality import (MEASURABLE, QualityResult, collect_moments, filter_pattern,  # noqa: E402
                              layer_quality, random_pattern, rho_from_moments)
 
 
@@ -143,7 +143,7 @@ def reference(model, patterns, x):
         active = (z > 0)  # z includes the bias
         assert np.allclose(z - bias, patches @ w.T)
         result[name] = {}
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             a_pos, a_neg = directions(est, weight, patterns[name])
             result[name][est] = np.array([
                 brute_force_rho(patches, w[j], active[:, j], a_pos[j], a_neg[j])
@@ -168,7 +168,7 @@ def test_equals_brute_force_regression(fitted):
     expected = reference(model, patterns, x)
     assert result.layers == ["0", "2", "5"]
     for layer in result.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             got = result.per_neuron[layer][est].numpy()
             np.testing.assert_allclose(got, expected[layer][est], rtol=0, atol=1e-6,
                                        err_msg=f"layer {layer}, estimator {est}")
@@ -194,7 +194,7 @@ def test_equals_brute_force_with_constant_inputs():
     # the dead neuron of the first layer has w = 0: y is constant, rho undefined
     assert not result.defined["0"]["linear"][3] and result.defined["0"]["linear"][:3].all()
     for layer in result.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             np.testing.assert_allclose(result.per_neuron[layer][est].numpy(), expected[layer][est],
                                        rtol=0, atol=1e-6, err_msg=f"layer {layer}, estimator {est}")
     filt = result.per_neuron["2"]["filter"]
@@ -271,7 +271,7 @@ def test_batch_size_independence(fitted):
     a = layer_quality(model, patterns, torch.split(x, 7), progress=False)
     b = layer_quality(model, patterns, x, batch_size=120, progress=False)
     for layer in a.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
                                        b.per_neuron[layer][est].numpy(), rtol=1e-10, atol=1e-12)
 
@@ -298,7 +298,7 @@ def test_float32_model_matches_float64(fitted):
     patterns32 = fit_patterns(model32, torch.split(images(200, seed=1).float(), 50), progress=False)
     b = layer_quality(model32, patterns32, x.float(), progress=False)
     for layer in a.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
                                        b.per_neuron[layer][est].numpy(), atol=1e-4)
 
@@ -312,7 +312,7 @@ def test_zero_variance_neuron_is_masked_not_averaged():
         model[5].weight[2] = 0.0
     patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
     result = layer_quality(model, patterns, images(300, seed=2), progress=False)
-    for est in ESTIMATORS:
+    for est in MEASURABLE:
         values, mask = result.per_neuron["5"][est], result.defined["5"][est]
         assert not mask[2] and mask.sum() == 5
         assert math.isnan(values[2]) and not values[mask].isnan().any()
@@ -380,10 +380,10 @@ def test_result_table_dict_and_plot(fitted):
     result = layer_quality(model, patterns, images(100, seed=6), progress=False)
     assert isinstance(result, QualityResult)
     table = str(result)
-    assert all(name in table for name in ESTIMATORS) and len(table.splitlines()) == 2 + 3
+    assert all(name in table for name in MEASURABLE) and len(table.splitlines()) == 2 + 3
     assert result.to_dict()["2"]["linear"] == result.mean["2"]["linear"]
     ax = plot_layer_quality(result)
-    assert len(ax.get_lines()) == len(ESTIMATORS)
+    assert len(ax.get_lines()) == len(MEASURABLE)
     assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "random" and any("S_w" in t or "S_{w}" in t for t in labels)
@@ -420,7 +420,7 @@ def active_reference(model, patterns, x):
         weight = module.weight.detach()
         w = weight.reshape(weight.shape[0], -1).numpy()
         result[name] = {}
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             a_pos, _ = directions(est, weight, patterns[name])
             result[name][est] = np.array([
                 brute_force_active_rho(patches, w[j], z[:, j] > 0, a_pos[j])
@@ -435,7 +435,7 @@ def test_active_regime_equals_least_squares_on_the_active_samples(fitted):
     expected = active_reference(model, patterns, x)
     assert result.regime == "active"
     for layer in result.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             got = result.per_neuron[layer][est].numpy()
             want = expected[layer][est]
             np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -458,7 +458,7 @@ def test_active_regime_with_one_sided_neurons_and_constant_inputs():
     result = layer_quality(model, patterns, x, batch_size=100, progress=False, regime="active")
     expected = active_reference(model, patterns, x)
     for layer in result.layers:
-        for est in ESTIMATORS:
+        for est in MEASURABLE:
             got = result.per_neuron[layer][est].numpy()
             np.testing.assert_allclose(got, expected[layer][est], rtol=0, atol=1e-6,
                                        err_msg=f"layer {layer}, estimator {est}")
@@ -480,7 +480,7 @@ def test_active_regime_on_a_subset_of_neurons(fitted):
     chosen = some.neurons["2"]
     assert chosen.numel() == 2 and torch.equal(chosen, again.neurons["2"])
     assert torch.equal(chosen, torch.randperm(5, generator=torch.Generator().manual_seed(3))[:2].sort().values)
-    for est in ESTIMATORS:
+    for est in MEASURABLE:
         got = some.per_neuron["2"][est]
         np.testing.assert_allclose(got[chosen].numpy(), full.per_neuron["2"][est][chosen].numpy(),
                                    rtol=0, atol=1e-10)
@@ -564,7 +564,7 @@ def test_several_pattern_sets_on_one_pass(fitted):
         for label, p in (("global", patterns), ("masked", masked)):
             alone = layer_quality(model, p, x, progress=False, regime=regime)
             for layer in alone.layers:
-                for est in ESTIMATORS:
+                for est in MEASURABLE:
                     torch.testing.assert_close(both[label].per_neuron[layer][est],
                                                alone.per_neuron[layer][est], equal_nan=True,
                                                rtol=0, atol=0)

@@ -17,16 +17,11 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported lazily on first access)
+# public name -> module that defines it (imported lazily on first access); the classes
+# of the explanation methods come from the registry, toolkit.methods.REGISTRY
 _LAZY = {
     "fit_patterns": "toolkit.patterns",
     "Patterns": "toolkit.patterns",
-    "Gradient": "toolkit.methods",
-    "DeconvNet": "toolkit.methods",
-    "GuidedBackprop": "toolkit.methods",
-    "PatternNet": "toolkit.methods",
-    "PatternAttribution": "toolkit.methods",
-    "LRPZ": "toolkit.methods",
     "layer_quality": "toolkit.quality",
     "region_perturbation": "toolkit.perturbation",
 }
@@ -34,9 +29,15 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "layers", "residual", "patterns", "methods", "quality", "perturbation", "data",
-    "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "linear", "estimators", "layers", "residual", "patterns", "methods", "quality", "perturbation",
+    "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
 )
+
+
+def _explainers() -> dict:
+    """The classes of the registered explanation methods by class name (imports torch)."""
+    registry = import_module("toolkit.methods").REGISTRY
+    return {m.explainer.__name__: m.explainer for m in registry.values()}
 
 
 def __getattr__(name):
@@ -44,8 +45,13 @@ def __getattr__(name):
         return getattr(import_module(_LAZY[name]), name)
     if name in _SUBMODULES:
         return import_module(f"toolkit.{name}")
+    if name[:1].isupper() and name in _explainers():
+        return _explainers()[name]
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
+    import sys
+
+    explainers = list(_explainers()) if "toolkit.methods" in sys.modules else []
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES) + explainers)

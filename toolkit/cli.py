@@ -42,17 +42,42 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-#: --method names -> (class in toolkit.methods, how its result is drawn)
-METHODS = {
-    "gradient": ("Gradient", "signal"),
-    "deconvnet": ("DeconvNet", "signal"),
-    "guidedbackprop": ("GuidedBackprop", "signal"),
-    "patternnet": ("PatternNet", "signal"),
-    "patternattribution": ("PatternAttribution", "attribution"),
-    "lrpz": ("LRPZ", "attribution"),
-}
-PATTERN_METHODS = ("patternnet", "patternattribution")
-TENSOR_SUFFIXES = (".pt", ".pth", ".npz")
+TENSOR_SUFFIXES = (".pt", ".pth", ".npz")  # toolkit.imagenet.TENSOR_SUFFIXES, without importing torch here
+
+
+def _methods() -> dict:
+    """The registered methods (:data:`toolkit.methods.REGISTRY`): the ``--method`` names.
+    Each method's aliases are accepted too (the command's older ``guidedbackprop`` and
+    ``lrpz``); outputs keep the spelling given."""
+    from toolkit.methods import REGISTRY
+
+    return REGISTRY
+
+
+def _method_names() -> str:
+    """The ``--method`` names for the help, with the aliases."""
+    methods = _methods()
+    aliases = [f"{alias} for {m.name}" for m in methods.values() for alias in m.aliases]
+    return ", ".join(methods) + (f" (also {', '.join(aliases)})" if aliases else "")
+
+
+def _pattern_method_names() -> str:
+    return ", ".join(name for name, m in _methods().items() if m.needs_patterns)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills the registered method names into the help strings (``{methods}``,
+    ``{pattern_methods}``) only when a help is shown, so that building the parser does not
+    import torch (which takes seconds)."""
+
+    NAMES = {"{methods}": _method_names, "{pattern_methods}": _pattern_method_names}
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        for placeholder, names in self.NAMES.items():
+            if text and placeholder in text:
+                text = text.replace(placeholder, names())
+        return text
 
 
 class CommandError(ValueError):
@@ -149,37 +174,12 @@ def _device(name: str | None):
 
 @contextmanager
 def distributed(device_name: str | None):
-    """Set up ``torch.distributed`` when the process was started by ``torchrun``.
+    """:func:`toolkit.distributed.process_group` on the ``--device`` (set up only when
+    the process was started by ``torchrun``); yields ``(rank, world, device)``."""
+    from toolkit.distributed import process_group
 
-    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in every process. Then
-    the process group is initialised (NCCL when the device is a GPU, else Gloo), a GPU
-    process uses GPU number ``LOCAL_RANK``, and the group is destroyed at the end.
-
-    Yields
-    ------
-    rank : int
-    world : int
-    device : torch.device
-    """
-    import torch
-
-    device = _device(device_name)
-    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-        yield 0, 1, device
-        return
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    owner = not dist.is_initialized()
-    if owner:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        if owner:
-            dist.destroy_process_group()
+    with process_group(_device(device_name)) as group:
+        yield group
 
 
 def _weights(value: str):
@@ -224,52 +224,14 @@ def _preprocessing(args):
     return Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std))
 
 
-def _tensor_file(path: Path, split: str | None):
-    """Inputs (and labels) from a ``.pt`` or ``.npz`` file, as a TensorDataset."""
-    import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
-
-    if path.suffix == ".npz":
-        with reading("--data", path), np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-    else:
-        try:
-            arrays = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CommandError(f"cannot read {path}: {error}") from None
-        if isinstance(arrays, torch.Tensor):
-            arrays = {"images": arrays}
-        elif isinstance(arrays, (tuple, list)) and len(arrays) == 2:
-            arrays = {"images": arrays[0], "labels": arrays[1]}
-        elif not isinstance(arrays, dict):
-            raise CommandError(f"{path} holds a {type(arrays).__name__}; expected a tensor, a pair or a dict")
-    prefix = f"{split}_" if split else ""
-    image_keys = [prefix + k for k in ("images", "inputs", "x")]
-    key = next((k for k in image_keys if k in arrays), None)
-    if key is None:
-        raise CommandError(
-            f"{path} has no array {' / '.join(image_keys)} (it has {', '.join(map(str, arrays)) or 'none'}); "
-            "with --split NAME the arrays NAME_images and NAME_labels are read"
-        )
-    images = torch.as_tensor(np.asarray(arrays[key]) if not isinstance(arrays[key], torch.Tensor) else arrays[key])
-    if not images.is_floating_point():
-        images = images.to(torch.float32) / 255
-    if images.dim() == 3:
-        images = images[:, None]
-    label_key = next((prefix + k for k in ("labels", "y") if prefix + k in arrays), None)
-    labels = (torch.as_tensor(np.asarray(arrays[label_key])).long() if label_key
-              else torch.full((len(images),), -1, dtype=torch.long))
-    return TensorDataset(images, labels)
-
-
 def _dataset(args, default_split: str):
     """The dataset named by --data, cut to --max-images."""
-    from toolkit.imagenet import ImageFiles, image_dataset
+    from toolkit.imagenet import ImageFiles, image_dataset, tensor_dataset
 
     path = Path(args.data)
     if path.suffix in TENSOR_SUFFIXES and path.is_file():
-        dataset = _tensor_file(path, args.split)
+        with reading("--data", path):
+            dataset = tensor_dataset(path, args.split)
     elif path.is_dir():
         split = args.split
         if split is None and any((path / s).is_dir() for s in ("train", "val")):
@@ -354,15 +316,13 @@ def _check_model(model, data, dtype, device) -> None:
 
 def _explainer(method: str, model, patterns, kind: str):
     """The explanation object for a --method name."""
-    import toolkit.methods as methods
+    from toolkit.methods import get_method
 
-    class_name, _ = METHODS[method]
-    if method in PATTERN_METHODS:
-        if patterns is None:
-            raise CommandError(f"--method {method} needs the model's patterns: fit them with "
-                               "'toolkit fit' and pass --patterns FILE")
-        return getattr(methods, class_name)(model, patterns, kind=kind)
-    return getattr(methods, class_name)(model)
+    registered = get_method(method)
+    if registered.needs_patterns and patterns is None:
+        raise CommandError(f"--method {method} needs the model's patterns: fit them with "
+                           "'toolkit fit' and pass --patterns FILE")
+    return registered.make(model, patterns, kind=kind)
 
 
 def _write_figure(fig, path: Path) -> Path:
@@ -465,7 +425,9 @@ def _explain(args: argparse.Namespace) -> int:
     categories = _categories(args.model, logits.shape[1])
     probabilities = logits.softmax(1)
 
-    kinds = {m: METHODS[m][1] for m in methods}
+    from toolkit.methods import get_method
+
+    kinds = {m: get_method(m).output for m in methods}
     for start in range(0, len(images), args.batch_size):
         batch = slice(start, start + args.batch_size)
         results = {m: e.attribute(images[batch], target[batch]).cpu() for m, e in explainers.items()}
@@ -491,14 +453,16 @@ def _categories(model_spec: str, classes: int) -> list[str]:
 def _method_list(values: list[str], extra: tuple[str, ...] = ()) -> list[str]:
     """Method names from repeated and/or comma-separated values, checked, without repeats."""
     methods = [m.strip().lower() for value in values for m in value.split(",") if m.strip()]
-    known = (*METHODS, *extra)
-    unknown = [m for m in methods if m not in known]
+    registered = _methods()
+    spellings = {*registered, *(a for m in registered.values() for a in m.aliases), *extra}
+    unknown = [m for m in methods if m not in spellings]
     if unknown:
-        raise CommandError(f"unknown method '{unknown[0]}'; choose from {', '.join(known)}")
+        raise CommandError(f"unknown method '{unknown[0]}'; choose from {', '.join((*registered, *extra))}")
     return list(dict.fromkeys(methods))
 
 
 def _perturbation(args: argparse.Namespace) -> int:
+    from toolkit.compare import perturbation_table
     from toolkit.perturbation import region_perturbation
     from toolkit.plotting.evaluation import plot_perturbation
 
@@ -523,10 +487,10 @@ def _perturbation(args: argparse.Namespace) -> int:
             results[method] = region_perturbation(model, explainers[method], data, **settings)
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = [f"{'method':<20}{'AOPC':>10}{'images':>8}{'p(0)':>8}{'p(L)':>8}"]
-    rows += [f"{m:<20}{r.aopc:>10.4f}{r.images:>8}{float(r.curve[0]):>8.3f}{float(r.curve[-1]):>8.3f}"
-             for m, r in results.items()]
-    print("\n".join(rows))
+    last = next(iter(results.values())).steps
+    print(f"{next(iter(results.values())).images} images")
+    print(perturbation_table(results, at=(0, last), titles={m: m for m in results}, decimals=4,
+                             best_first=False))
     (out / "aopc.csv").write_text("method,aopc,images\n" + "".join(
         f"{m},{r.aopc:.6f},{r.images}\n" for m, r in results.items()))
     ax = plot_perturbation(results, title=f"region perturbation, {args.patch}x{args.patch} regions")
@@ -583,7 +547,8 @@ def _model_arguments(parser: argparse.ArgumentParser, patterns: str | None = Non
         group.add_argument("--patterns", required=True, metavar="FILE", help="patterns written by 'toolkit fit'")
     elif patterns == "optional":
         group.add_argument("--patterns", metavar="FILE",
-                           help="patterns written by 'toolkit fit' (needed by patternnet, patternattribution)")
+                           help="patterns written by 'toolkit fit' (needed by the pattern methods: "
+                                "{pattern_methods})")
 
 
 def _image_arguments(group) -> None:
@@ -675,15 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "by each --method next to the input.",
         epilog="example:\n  toolkit explain --model vgg16 --patterns vgg16.patterns.safetensors "
                "--method gradient,patternnet,patternattribution data/images/*.jpg --out explanations",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_arguments(explain, patterns="optional")
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     group = explain.add_argument_group("explanation")
     group.add_argument("--method", action="append", metavar="METHOD",
-                       help=f"one of {', '.join(METHODS)}; repeat it or give a comma-separated list "
+                       help="one of {methods}; repeat it or give a comma-separated list "
                             "for several (default: patternattribution)")
     group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
-                       help="which patterns PatternNet/PatternAttribution use (default: two_component)")
+                       help="which patterns patternnet/patternattribution use (default: two_component; "
+                            "the *_linear methods always use the linear ones)")
     group.add_argument("--target", type=int, metavar="CLASS", help="explain this class (default: the predicted one)")
     group.add_argument("--out", required=True, metavar="DIR", help="folder for the figures (IMAGE-STEM.png)")
     group.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
@@ -695,15 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replace the most relevant regions of each image first (by each method's "
                     "explanation of the predicted class), record the probability of that class after "
                     "every step, and print the AOPC (area over the perturbation curve) of every method; "
-                    "write the curves to OUT/perturbation.png and the AOPCs to OUT/aopc.csv.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "write the curves to OUT/perturbation.png and the AOPCs to OUT/aopc.csv.", formatter_class=HelpFormatter)
     _model_arguments(perturbation, patterns="optional")
     _data_arguments(perturbation, "val")
     group = perturbation.add_argument_group("perturbation")
     group.add_argument("--methods", nargs="+", default=["gradient", "patternnet", "patternattribution", "random"],
-                       metavar="METHOD", help=f"methods to compare, of {', '.join(METHODS)}, and random (the "
+                       metavar="METHOD", help="methods to compare, of {methods}, and random (the "
                             "baseline: regions in random order) (default: gradient patternnet patternattribution random)")
     group.add_argument("--kind", choices=("two_component", "linear"), default="two_component",
-                       help="patterns used by PatternNet/PatternAttribution (default: two_component)")
+                       help="patterns used by patternnet/patternattribution (default: two_component; "
+                            "the *_linear methods always use the linear ones)")
     group.add_argument("--patch", type=positive_int, default=9, help="side of the square patches in pixels (default: 9)")
     group.add_argument("--steps", type=positive_int, help="number of regions perturbed, one per step "
                                                           "(default: every region of the image)")

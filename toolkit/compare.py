@@ -1,13 +1,15 @@
 """All explanation methods of the paper on the same images, and their scores against a known truth.
 
 The notebooks compare the methods side by side again and again; this module keeps that
-bookkeeping out of them:
+bookkeeping out of them. The methods are those registered in
+:data:`toolkit.methods.REGISTRY` (names, titles, outputs, the patterns they need), the
+estimators those of :data:`toolkit.estimators.ESTIMATORS`:
 
 * :func:`make_explainers` builds one explainer per method (:data:`METHODS`), the
   pattern-based ones with the linear (``S_a``) and the two-component (``S_a+-``)
   patterns;
 * :func:`explain_all` runs them on a batch of images and returns ``{name: explanation}``,
-  ready for :func:`toolkit.plotting.images.explanation_grid` (with :data:`KINDS` and
+  ready for :func:`toolkit.plotting.images.explanation_grid` (with :data:`OUTPUTS` and
   :data:`TITLES`);
 * :func:`estimator_patterns` turns fitted patterns into those of another estimator
   (the filter ``S_w`` or the random baseline), so PatternNet / PatternAttribution can
@@ -15,9 +17,9 @@ bookkeeping out of them:
 * :func:`ground_truth_scores` scores explanations of images with a known signal
   (:func:`toolkit.data.make_ground_truth_images`) and returns a :class:`ScoreTable`;
 * :func:`merge_quality` joins layer-quality results measured on different layers (few
-  images for the convolutions, many for the dense layers) and :func:`quality_table`
-  prints them rounded, next to what an ideal estimator would score on that many
-  samples (:func:`ideal_rho`);
+  images for the convolutions, many for the dense layers), :func:`regime_table` puts
+  several measurements side by side (the short table of one result is
+  ``result.table(decimals=2, ideal=True)``);
 * :func:`explain_estimators` gives the signal and attribution of each estimator
   (``S_x``, ``S_w``, ``S_a``, ``S_a+-``), :func:`perturb_all` the region-perturbation
   curves of several methods and the random order, :func:`perturbation_table` their AOPC.
@@ -46,13 +48,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.methods import (LRPZ, DeconvNet, Explainer, Gradient, GuidedBackprop,
-                             PatternAttribution, PatternNet, Target)
+from toolkit.estimators import ESTIMATORS
+from toolkit.methods import LRPZ, REGISTRY, Explainer, PatternAttribution, PatternNet, Target
 
 __all__ = [
     "METHODS",
     "PATTERN_METHODS",
-    "KINDS",
+    "OUTPUTS",
     "TITLES",
     "LABELS",
     "SCORES",
@@ -63,14 +65,11 @@ __all__ = [
     "explain_estimators",
     "estimator_kinds",
     "estimator_titles",
-    "Absolute",
     "perturb_all",
     "perturbation_table",
     "ScoreTable",
     "ground_truth_scores",
     "merge_quality",
-    "ideal_rho",
-    "quality_table",
     "regime_table",
     "with_mean_y",
     "ESTIMATOR_METHODS",
@@ -80,84 +79,35 @@ __all__ = [
     "estimator_orderings",
 ]
 
+# Views of the registry, for tables and figures (they list the methods of toolkit.methods;
+# a method registered later is known to make_explainers, but not to these).
 #: Every method, in the order of the paper's comparison.
-METHODS = (
-    "gradient",
-    "deconvnet",
-    "guided_backprop",
-    "patternnet_linear",
-    "patternnet",
-    "patternattribution_linear",
-    "patternattribution",
-    "lrp_z",
-)
+METHODS = tuple(REGISTRY)
 #: The methods that need fitted patterns.
-PATTERN_METHODS = ("patternnet_linear", "patternnet", "patternattribution_linear",
-                   "patternattribution")
-
-#: How each method's output is drawn by :func:`toolkit.plotting.images.explanation_grid`.
-KINDS = {
-    "gradient": "signal",
-    "deconvnet": "signal",
-    "guided_backprop": "signal",
-    "patternnet_linear": "signal",
-    "patternnet": "signal",
-    "patternattribution_linear": "attribution",
-    "patternattribution": "attribution",
-    "lrp_z": "attribution",
-}
-#: Column titles for figures and tables.
-TITLES = {
-    "gradient": "Gradient",
-    "deconvnet": "DeconvNet",
-    "guided_backprop": "Guided BP",
-    "patternnet_linear": "PatternNet S_a",
-    "patternnet": "PatternNet S_a+-",
-    "patternattribution_linear": "PattAttr S_a",
-    "patternattribution": "PattAttr S_a+-",
-    "lrp_z": "LRP-z",
-}
-
+PATTERN_METHODS = tuple(name for name, m in REGISTRY.items() if m.needs_patterns)
+#: What each method returns, ``"signal"`` or ``"attribution"``: how
+#: :func:`toolkit.plotting.images.explanation_grid` draws it.
+OUTPUTS = {name: m.output for name, m in REGISTRY.items()}
+#: Column titles for tables.
+TITLES = {name: m.title for name, m in REGISTRY.items()}
 #: Column titles with mathtext, for figures.
-LABELS = {
-    "gradient": "Gradient",
-    "deconvnet": "DeconvNet",
-    "guided_backprop": "Guided Backprop",
-    "patternnet_linear": r"PatternNet $S_a$",
-    "patternnet": r"PatternNet $S_{a\pm}$",
-    "patternattribution_linear": r"PattAttr $S_a$",
-    "patternattribution": r"PattAttr $S_{a\pm}$",
-    "lrp_z": "LRP-z",
-}
-
-_FACTORIES = {
-    "gradient": lambda model, patterns: Gradient(model),
-    "deconvnet": lambda model, patterns: DeconvNet(model),
-    "guided_backprop": lambda model, patterns: GuidedBackprop(model),
-    "patternnet_linear": lambda model, patterns: PatternNet(model, patterns, kind="linear"),
-    "patternnet": lambda model, patterns: PatternNet(model, patterns, kind="two_component"),
-    "patternattribution_linear":
-        lambda model, patterns: PatternAttribution(model, patterns, kind="linear"),
-    "patternattribution":
-        lambda model, patterns: PatternAttribution(model, patterns, kind="two_component"),
-    "lrp_z": lambda model, patterns: LRPZ(model),
-}
+LABELS = {name: m.label for name, m in REGISTRY.items()}
 
 
 def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     if isinstance(methods, str):
         methods = (methods,)
     methods = tuple(methods)
-    unknown = [m for m in methods if m not in _FACTORIES]
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {tuple(REGISTRY)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods {methods} name a method twice")
     return methods
 
 
 def make_explainers(model: nn.Module, patterns=None,
-                    methods: Sequence[str] = METHODS) -> dict[str, Explainer]:
+                    methods: Sequence[str] | None = None) -> dict[str, Explainer]:
     """One explainer per method, in the order of ``methods``.
 
     Parameters
@@ -165,23 +115,23 @@ def make_explainers(model: nn.Module, patterns=None,
     model : nn.Module
     patterns : toolkit.patterns.Patterns, optional
         Fitted for ``model``; needed only for the :data:`PATTERN_METHODS`.
-    methods : sequence of str
-        Any of :data:`METHODS`.
+    methods : sequence of str, optional
+        Names of :data:`toolkit.methods.REGISTRY` (default: all of them).
 
     Returns
     -------
     dict[str, toolkit.methods.Explainer]
     """
-    methods = _check_methods(methods)
-    needs = [m for m in methods if m in PATTERN_METHODS]
+    methods = _check_methods(tuple(REGISTRY) if methods is None else methods)
+    needs = [m for m in methods if REGISTRY[m].needs_patterns]
     if needs and patterns is None:
         raise ValueError(f"the methods {needs} need patterns: fit them with "
                          "toolkit.fit_patterns(model, data)")
-    return {name: _FACTORIES[name](model, patterns) for name in methods}
+    return {name: REGISTRY[name].make(model, patterns) for name in methods}
 
 
 def explain_all(model: nn.Module, patterns, images: Tensor, target: Target = None,
-                methods: Sequence[str] = METHODS, batch_size: int = 256) -> dict[str, Tensor]:
+                methods: Sequence[str] | None = None, batch_size: int = 256) -> dict[str, Tensor]:
     """Explain ``images`` with every method.
 
     Parameters
@@ -192,8 +142,8 @@ def explain_all(model: nn.Module, patterns, images: Tensor, target: Target = Non
     images : Tensor, (N, C, H, W)
     target : int, sequence of int, Tensor or None
         The class to explain (None: each image's predicted class).
-    methods : sequence of str
-        Any of :data:`METHODS`, in the order the result should have.
+    methods : sequence of str, optional
+        Registered method names, in the order the result should have (default: all).
     batch_size : int
         Images explained at a time (the results do not depend on it).
 
@@ -251,35 +201,26 @@ def estimator_patterns(model: nn.Module, patterns, estimator: str, inputs: Tenso
     """
     from toolkit.layers import trace
     from toolkit.patterns import LayerPatterns, Patterns
-    from toolkit.quality import filter_pattern, random_pattern
+    from toolkit.quality import estimator_directions
 
-    if estimator == "two_component":
+    if estimator not in ESTIMATORS or ESTIMATORS[estimator].pattern == "none":
+        choices = [name for name, e in ESTIMATORS.items() if e.pattern != "none"]
+        raise ValueError(f"estimator must be one of {choices}, not {estimator!r}")
+    if ESTIMATORS[estimator].pattern_kinds == ("positive", "negative"):
         return patterns
-    if estimator not in ("filter", "random", "linear"):
-        raise ValueError(f"estimator must be 'filter', 'random', 'linear' or 'two_component', "
-                         f"not {estimator!r}")
     plan = trace(model, inputs)
     patterns.check(model, plan)
     weights = {layer.name: layer.weight() for layer in plan}
     layers = {}
-    for name, p in patterns.layers.items():
-        if estimator == "linear":
-            a = p.linear
-        elif estimator == "filter":
-            a = filter_pattern(weights[name]).cpu()
-        else:
-            a = random_pattern(weights[name], seed)
-        layers[name] = LayerPatterns(a, a, a)
+    for name, p in patterns.layers.items():  # a linear-type estimator: a_+ = a_- = a
+        a, _ = estimator_directions(estimator, weights[name], p, seed)
+        layers[name] = LayerPatterns(a.cpu(), a.cpu(), a.cpu())
     return Patterns(layers, patterns.fingerprint, mean_y=patterns.mean_y)
 
 
-#: The paper's four estimators for the qualitative grids, with figure labels.
-ESTIMATOR_NAMES = {
-    "identity": r"$S_x$",
-    "filter": r"$S_w$",
-    "linear": r"$S_a$",
-    "two_component": r"$S_{a\pm}$",
-}
+#: The paper's four estimators for the qualitative grids (those with a PatternAttribution
+#: of their own), with figure labels.
+ESTIMATOR_NAMES = {name: e.legend for name, e in ESTIMATORS.items() if e.attribution}
 
 
 def explain_estimators(model: nn.Module, patterns, images: Tensor, target: Target = None,
@@ -301,12 +242,12 @@ def explain_estimators(model: nn.Module, patterns, images: Tensor, target: Targe
     for estimator in estimators:
         if estimator not in ESTIMATOR_NAMES:
             raise ValueError(f"unknown estimator {estimator!r}; choose from {tuple(ESTIMATOR_NAMES)}")
-        if estimator == "identity":
-            out["identity signal"] = images.detach().clone()
-            out["identity attribution"] = LRPZ(model).attribute(images, target)
+        if ESTIMATORS[estimator].pattern == "none":  # S_x(x) = x
+            out[f"{estimator} signal"] = images.detach().clone()
+            out[f"{estimator} attribution"] = LRPZ(model).attribute(images, target)
             continue
         p = estimator_patterns(model, patterns, estimator, images)
-        kind = "linear" if estimator == "linear" else "two_component"
+        kind = ESTIMATORS[estimator].kind
         out[f"{estimator} signal"] = PatternNet(model, p, kind=kind).attribute(images, target)
         out[f"{estimator} attribution"] = PatternAttribution(model, p, kind=kind).attribute(images, target)
     return out
@@ -329,23 +270,6 @@ def estimator_titles(explanations: Mapping[str, Tensor]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------
 # region perturbation of every method
 # ----------------------------------------------------------------------------------
-class Absolute:
-    """An explainer whose relevance is the absolute value of another's: ``|r|``.
-
-    A signal (the gradient, say) is signed by direction, not by relevance; ranking
-    regions by ``|r|`` asks where the method sees *something*, whatever its sign.
-    """
-
-    def __init__(self, explainer):
-        self.explainer = explainer
-
-    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
-        return self.explainer.attribute(inputs, target).abs()
-
-    def __repr__(self) -> str:
-        return f"Absolute({self.explainer!r})"
-
-
 def perturb_all(model: nn.Module, explainers: Mapping[str, object], images: Tensor, *,
                 patch: int, steps: int | None = None, random_repeats: int = 3,
                 random_name: str | None = "random", seed: int = 0, batch_size: int = 256,
@@ -385,20 +309,19 @@ def perturb_all(model: nn.Module, explainers: Mapping[str, object], images: Tens
 
 #: Figure 5 of the paper: PatternAttribution with each estimator, keyed as in
 #: :func:`perturb_all`. ``S_x(x) = x`` makes PatternAttribution gradient x input, i.e. LRP-z.
-ESTIMATOR_METHODS = {
-    "identity": "lrp_z",
-    "filter": "patternattribution_filter",
-    "linear": "patternattribution_linear",
-    "two_component": "patternattribution",
-}
-#: Table names of those methods and of the random order.
+ESTIMATOR_METHODS = {name: e.attribution for name, e in ESTIMATORS.items() if e.attribution}
+#: Table names of those methods (the estimator's symbol, and the method's title where
+#: it is not PatternAttribution) and of the random order.
 ESTIMATOR_TITLES = {
-    "lrp_z": "S_x (LRP-z)",
-    "patternattribution_filter": "S_w",
-    "patternattribution_linear": "S_a",
-    "patternattribution": "S_a+-",
-    "random": "random order",
-}
+    e.attribution: e.symbol if e.attribution not in REGISTRY
+    or REGISTRY[e.attribution].explainer is PatternAttribution
+    else f"{e.symbol} ({REGISTRY[e.attribution].title})"
+    for e in ESTIMATORS.values() if e.attribution
+} | {"random": "random order"}
+#: Titles of the compared methods that are not registered: PatternAttribution with the
+#: filter patterns, and the random order.
+_EXTRA_TITLES = {e.attribution: f"PattAttr {e.symbol}" for e in ESTIMATORS.values()
+                 if e.attribution and e.attribution not in REGISTRY} | {"random": "random order"}
 
 
 def estimator_explainers(model: nn.Module, patterns, inputs: Tensor) -> dict[str, Explainer]:
@@ -406,10 +329,14 @@ def estimator_explainers(model: nn.Module, patterns, inputs: Tensor) -> dict[str
 
     ``inputs``: a batch the model runs on (to find the layers for the filter patterns).
     """
-    explainers = make_explainers(model, patterns, ("lrp_z", "patternattribution_linear",
-                                                   "patternattribution"))
-    explainers["patternattribution_filter"] = PatternAttribution(
-        model, estimator_patterns(model, patterns, "filter", inputs[:1]))
+    explainers = {}
+    for estimator, name in ESTIMATOR_METHODS.items():
+        if name in REGISTRY:
+            explainers[name] = REGISTRY[name].make(model, patterns)
+        else:
+            explainers[name] = PatternAttribution(
+                model, estimator_patterns(model, patterns, estimator, inputs[:1]),
+                kind=ESTIMATORS[estimator].kind)
     return {name: explainers[name] for name in ESTIMATOR_METHODS.values()}
 
 
@@ -433,8 +360,8 @@ def estimator_orderings(results: Mapping[str, object]) -> dict[str, bool]:
     """The paper's Figure 5 orderings, by AOPC (larger: faster drop): S_a+- fastest,
     random slowest, S_x above S_w, S_a below both S_x and S_w."""
     aopc = {name: results[name].aopc for name in (*ESTIMATOR_METHODS.values(), "random")}
-    sx, sw, sa, sapm, rnd = (aopc["lrp_z"], aopc["patternattribution_filter"],
-                             aopc["patternattribution_linear"], aopc["patternattribution"], aopc["random"])
+    sx, sw, sa, sapm = (aopc[ESTIMATOR_METHODS[e]] for e in ("identity", "filter", "linear", "two_component"))
+    rnd = aopc["random"]
     return {
         "S_a+- drops fastest": sapm == max(aopc.values()),
         "random order slowest": rnd == min(aopc.values()),
@@ -444,12 +371,13 @@ def estimator_orderings(results: Mapping[str, object]) -> dict[str, bool]:
 
 
 def perturbation_table(results: Mapping[str, object], at: Sequence[int] = (5, 10),
-                       titles: Mapping[str, str] | None = None, decimals: int = 2) -> str:
-    """AOPC per method, best first, with the mean probability of the initial class after
-    the regions in ``at`` were perturbed."""
-    titles = dict(TITLES) | {"random": "random order", "patternattribution_filter": "PattAttr S_w"} \
-        | dict(titles or {})
-    names = sorted(results, key=lambda n: -results[n].aopc)
+                       titles: Mapping[str, str] | None = None, decimals: int = 2,
+                       best_first: bool = True) -> str:
+    """AOPC per method, best first (or in the order of ``results``), with the mean
+    probability of the initial class after the regions in ``at`` were perturbed
+    (``at`` may hold 0, the unperturbed images)."""
+    titles = dict(TITLES) | _EXTRA_TITLES | dict(titles or {})
+    names = sorted(results, key=lambda n: -results[n].aopc) if best_first else list(results)
     width = max([len("method")] + [len(titles.get(n, n)) for n in names]) + 2
     head = f"{'method':<{width}}{'AOPC':>7}" + "".join(f"{f'p @ {k}':>9}" for k in at)
     lines = [head, "-" * len(head)]
@@ -544,7 +472,7 @@ def ground_truth_scores(explanations: Mapping[str, Tensor], truth,
         The explained images, in the same order (``len(truth) == N``).
     kinds : dict name -> {"signal", "attribution"}, optional
         Which methods produce signals; correlations are computed for those only.
-        Defaults to :data:`KINDS` (names not in it count as signals).
+        Defaults to :data:`OUTPUTS` (names not in it count as signals).
     k : int, optional
         For precision@k; defaults to the signal's area (pixels in ``truth.signal_mask``).
     titles : dict name -> str, optional
@@ -557,7 +485,7 @@ def ground_truth_scores(explanations: Mapping[str, Tensor], truth,
     """
     from toolkit.data import mass_inside, precision_at_k, signal_correlation
 
-    kinds = dict(KINDS if kinds is None else kinds)
+    kinds = dict(OUTPUTS if kinds is None else kinds)
     signal_mask = truth.signal_mask.bool()
     distractor_only = truth.distractor_mask.bool() & ~signal_mask
     k = int(signal_mask.sum()) if k is None else int(k)
@@ -579,7 +507,7 @@ def ground_truth_scores(explanations: Mapping[str, Tensor], truth,
 
 
 # ----------------------------------------------------------------------------------
-# layer quality: several measurements as one, and a short table
+# layer quality: several measurements as one, side by side
 # ----------------------------------------------------------------------------------
 def merge_quality(*results):
     """Join :class:`toolkit.quality.QualityResult` objects measured on different layers.
@@ -622,41 +550,6 @@ def merge_quality(*results):
     return type(results[0])(**values)
 
 
-def ideal_rho(result) -> dict[str, float]:
-    """Per layer, roughly what an ideal estimator scores on a finite sample: ``1 - sqrt(D / (n - 1))``.
-
-    Even a distractor that holds no information about ``y`` correlates with it by chance,
-    and the best of ``D`` read-outs does so by about ``sqrt(D / n)`` on ``n`` samples
-    (``D`` = the inputs of a neuron; ``E[R^2] = D / (n - 1)`` for independent Gaussian
-    data). A layer whose values come near this level needs more samples, not a better
-    estimator. It is a rough guide, not a bound: a measured value can exceed it a little.
-    """
-    ideal = {}
-    for layer in result.layers:
-        rank = getattr(result, "rank", None) or {}
-        d = rank.get(layer, result.dims[layer])
-        n = result.samples[layer]
-        ideal[layer] = 1 - math.sqrt(d / (n - 1)) if n > d + 1 else 0.0
-    return ideal
-
-
-def quality_table(result, decimals: int = 2) -> str:
-    """Mean ``rho`` per layer and estimator, rounded, with samples, ``D`` and the level
-    of :func:`ideal_rho` -- a short, stable version of ``result.table()``."""
-    ideal = ideal_rho(result)
-    width = max([len("layer")] + [len(name) for name in result.layers]) + 2
-    col = max(9, max(len(e) for e in result.estimators) + 2)
-    head = (f"{'layer':<{width}}" + "".join(f"{e:>{col}}" for e in result.estimators)
-            + f"{'samples':>11}{'D':>6}{'ideal':>9}")
-    lines = [head, "-" * len(head)]
-    for layer in result.layers:
-        values = "".join(f"{np.round(result.mean[layer][e], decimals) + 0.0:>{col}.{decimals}f}"
-                         for e in result.estimators)
-        lines.append(f"{layer:<{width}}{values}{result.samples[layer]:>11}{result.dims[layer]:>6}"
-                     f"{np.round(ideal[layer], decimals) + 0.0:>9.{decimals}f}")
-    return "\n".join(lines)
-
-
 def regime_table(results: Mapping[str, object], estimators: Sequence[str] = ("filter", "linear",
                                                                            "two_component"),
                  decimals: int = 2) -> str:
@@ -672,7 +565,7 @@ def regime_table(results: Mapping[str, object], estimators: Sequence[str] = ("fi
     """
     if not results:
         raise ValueError("give at least one QualityResult")
-    short = {"random": "rand", "filter": "S_w", "linear": "S_a", "two_component": "S_a+-"}
+    short = {name: e.symbol for name, e in ESTIMATORS.items()}
     layers = list(next(iter(results.values())).layers)
     width = max([len("layer")] + [len(n) for n in layers]) + 2
     col = max(7, decimals + 5)

@@ -3,15 +3,51 @@ are mine, and summing statistics over all processes.
 
 Every statistic of the toolkit is a sum over samples, so running on several processes
 (GPUs, machines) is: each process sums over its share of the batches, then the sums are
-all-reduced. Nothing here starts a process group: launch with ``torchrun`` and call
-``torch.distributed.init_process_group`` (the ``toolkit`` command does it for you).
+all-reduced. Launch with ``torchrun``; :func:`process_group` then starts the group (the
+``toolkit`` command uses it), or call ``torch.distributed.init_process_group`` yourself.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
+
+
+@contextmanager
+def process_group(device: torch.device):
+    """Set up ``torch.distributed`` when the process was started by ``torchrun``.
+
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in every process. Then
+    the process group is initialised (NCCL when ``device`` is a GPU, else Gloo), a GPU
+    process uses GPU number ``LOCAL_RANK``, and the group is destroyed at the end (unless
+    it was initialised before). Without ``torchrun`` nothing is set up.
+
+    Yields
+    ------
+    rank : int
+    world : int
+    device : torch.device
+        ``device``, or this process's GPU.
+    """
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        yield 0, 1, device
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if owner:
+            dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:

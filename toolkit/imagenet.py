@@ -54,9 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
@@ -74,6 +75,8 @@ __all__ = [
     "read_label_file",
     "imagenet",
     "image_dataset",
+    "TENSOR_SUFFIXES",
+    "tensor_dataset",
     "read_images",
     "ShardSampler",
     "DeviceDecoder",
@@ -586,6 +589,58 @@ def image_dataset(path: str | os.PathLike, *, split: str | None = None, labels=N
             f"({path}/<class>/<image>.jpg), or ImageNet's {path}/train/ and {path}/val/; {_describe(path)}"
         )
     return dataset
+
+
+#: The suffixes of the tensor files :func:`tensor_dataset` reads.
+TENSOR_SUFFIXES = (".pt", ".pth", ".npz")
+
+
+def tensor_dataset(path: str | os.PathLike, split: str | None = None) -> TensorDataset:
+    """Model inputs (and labels) from a tensor file, as a TensorDataset.
+
+    ``.pt``/``.pth``: a tensor, an ``(inputs, labels)`` pair or a dict; ``.npz``: arrays.
+    The inputs are the array ``images`` (or ``inputs``, ``x``), the labels ``labels`` (or
+    ``y``; -1 where there are none); with ``split`` the arrays ``<split>_images`` and
+    ``<split>_labels``. Integer inputs are divided by 255, ``(N, H, W)`` inputs get a
+    channel axis.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read or holds no inputs (the message names the file).
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        try:
+            arrays = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        if isinstance(arrays, torch.Tensor):
+            arrays = {"images": arrays}
+        elif isinstance(arrays, (tuple, list)) and len(arrays) == 2:
+            arrays = {"images": arrays[0], "labels": arrays[1]}
+        elif not isinstance(arrays, dict):
+            raise ValueError(f"{path} holds a {type(arrays).__name__}; expected a tensor, a pair or a dict")
+    prefix = f"{split}_" if split else ""
+    image_keys = [prefix + k for k in ("images", "inputs", "x")]
+    key = next((k for k in image_keys if k in arrays), None)
+    if key is None:
+        raise ValueError(
+            f"{path} has no array {' / '.join(image_keys)} (it has {', '.join(map(str, arrays)) or 'none'}); "
+            "with split NAME (the command's --split NAME) the arrays NAME_images and NAME_labels are read"
+        )
+    images = torch.as_tensor(np.asarray(arrays[key]) if not isinstance(arrays[key], torch.Tensor) else arrays[key])
+    if not images.is_floating_point():
+        images = images.to(torch.float32) / 255
+    if images.dim() == 3:
+        images = images[:, None]
+    label_key = next((prefix + k for k in ("labels", "y") if prefix + k in arrays), None)
+    labels = (torch.as_tensor(np.asarray(arrays[label_key])).long() if label_key
+              else torch.full((len(images),), -1, dtype=torch.long))
+    return TensorDataset(images, labels)
 
 
 def read_images(paths: str | os.PathLike | Iterable[str | os.PathLike],

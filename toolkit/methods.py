@@ -9,6 +9,12 @@ value the pass starts from (``start="one"`` or ``"logit"``). The rules, the star
 values and PatternAttribution as deep Taylor decomposition are in docs/math.md,
 sections 6-7.
 
+Every method declares itself once, on its class, with :func:`register`: its name (one
+spelling for :mod:`toolkit.compare`, the ``toolkit`` command, the benchmarks and the
+README), its titles, whether it returns a signal or an attribution, and which fitted
+patterns it reads (:class:`Method`, collected in :data:`REGISTRY`). A class may register
+several variants, as PatternNet does with the linear and the two-component patterns.
+
 Example::
 
     from toolkit import PatternNet, fit_patterns
@@ -52,7 +58,8 @@ import math
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import NamedTuple, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,6 +68,11 @@ from torch import Tensor, nn
 from toolkit.layers import Layer, Plan, UnsupportedLayerError, evaluation_mode, intercept, trace
 
 __all__ = [
+    "Method",
+    "REGISTRY",
+    "OUTPUTS",
+    "register",
+    "get_method",
     "Explainer",
     "ScaledExplanation",
     "ExplanationScaleWarning",
@@ -71,6 +83,7 @@ __all__ = [
     "PatternNet",
     "PatternAttribution",
     "LRPZ",
+    "Absolute",
     "Target",
 ]
 
@@ -78,8 +91,14 @@ __all__ = [
 Target = Union[int, Sequence[int], Tensor, None]
 
 STARTS = ("logit", "one")
-PATTERN_KINDS = ("two_component", "linear")
+#: The estimators whose fitted patterns PatternNet and PatternAttribution use (``kind=``).
+PATTERN_ESTIMATORS = ("two_component", "linear")
 NEVER_ACTIVE = ("raise", "linear")
+#: What a method returns: a signal lives in input space (an image of what the output
+#: detects), an attribution says how much each input contributes to the output.
+OUTPUTS = ("signal", "attribution")
+#: The fitted pattern kinds a method may read (those of :data:`toolkit.patterns.KINDS`).
+_FITTED = ("linear", "positive", "negative")
 
 
 class ExplanationScaleWarning(RuntimeWarning):
@@ -528,8 +547,113 @@ def _target_tensor(target, classes: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------
+# the registry: every method declares itself once, on its class
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One explanation method: how it is named, shown and made.
+
+    Attributes
+    ----------
+    name : str
+        The one spelling used everywhere: :mod:`toolkit.compare`, the ``toolkit``
+        command, the benchmarks and the README.
+    title : str
+        Plain text, for tables (``"PatternNet S_a+-"``).
+    label : str
+        With mathtext, for figures (``r"PatternNet $S_{a\\pm}$"``).
+    output : {"signal", "attribution"}
+        What it returns (:data:`OUTPUTS`), and so how it is drawn.
+    patterns : tuple of str
+        The fitted pattern kinds it reads (of :data:`toolkit.patterns.KINDS`); empty for
+        the methods that need no patterns.
+    options : dict
+        Keyword arguments of the class that make this variant, e.g. ``{"kind": "linear"}``.
+    aliases : tuple of str
+        Other spellings :func:`get_method` accepts (the command's ``guidedbackprop``).
+    explainer : type
+        The :class:`Explainer` subclass, filled in by :func:`register`.
+    """
+
+    name: str
+    title: str
+    label: str
+    output: str
+    patterns: tuple[str, ...] = ()
+    options: Mapping[str, object] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    explainer: type | None = None
+
+    @property
+    def needs_patterns(self) -> bool:
+        return bool(self.patterns)
+
+    def make(self, model: nn.Module, patterns=None, **options) -> "Explainer":
+        """The explainer of this method for ``model``.
+
+        ``patterns`` is passed only to the methods that need it; ``options`` go to the
+        class, except that the variant's own :attr:`options` win (``kind=`` does not
+        turn ``patternnet_linear`` into the two-component variant).
+        """
+        options = {**options, **self.options}
+        if self.needs_patterns:
+            return self.explainer(model, patterns, **options)
+        options.pop("kind", None)  # the pattern estimator means nothing without patterns
+        return self.explainer(model, **options)
+
+
+#: Every registered method by name, in the order of registration: the paper's comparison.
+REGISTRY: dict[str, Method] = {}
+
+
+def register(*methods: Method):
+    """Class decorator: register ``methods`` (one per variant) as made by the class.
+
+    Examples
+    --------
+    >>> @register(Method("my_gradient", "My gradient", "My gradient", "signal"))  # doctest: +SKIP
+    ... class MyGradient(Explainer):
+    ...     pass
+    """
+    def decorate(cls: type) -> type:
+        for m in methods:
+            if m.output not in OUTPUTS:
+                raise ValueError(f"method {m.name!r}: output must be one of {OUTPUTS}, not {m.output!r}")
+            unknown = [k for k in m.patterns if k not in _FITTED]
+            if unknown:
+                raise ValueError(f"method {m.name!r}: unknown pattern kinds {unknown}; choose from {_FITTED}")
+            taken = [n for n in (m.name, *m.aliases) if n in _spellings()]
+            if taken:
+                raise ValueError(f"method {m.name!r}: the name {taken[0]!r} is registered already")
+            REGISTRY[m.name] = replace(m, explainer=cls)
+        return cls
+    return decorate
+
+
+def _spellings() -> dict[str, str]:
+    """Every accepted spelling (names and aliases) -> the registered name."""
+    return {spelling: m.name for m in REGISTRY.values() for spelling in (m.name, *m.aliases)}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name`` or one of its aliases (any case).
+
+    Raises
+    ------
+    ValueError
+        If no method is registered under that spelling.
+    """
+    spellings = _spellings()
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in spellings:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[spellings[key]]
+
+
+# ----------------------------------------------------------------------------------
 # gradient-type methods
 # ----------------------------------------------------------------------------------
+@register(Method("gradient", "Gradient", "Gradient", "signal"))
 class Gradient(Explainer):
     """The gradient of the selected output with respect to the input (saliency map).
 
@@ -549,6 +673,7 @@ class Gradient(Explainer):
     """
 
 
+@register(Method("deconvnet", "DeconvNet", "DeconvNet", "signal"))
 class DeconvNet(Explainer):
     """DeconvNet (Zeiler & Fergus, 2014): the gradient with ReLUs applied to the signal.
 
@@ -567,6 +692,8 @@ class DeconvNet(Explainer):
     relu_rule = _DeconvReLU
 
 
+@register(Method("guided_backprop", "Guided BP", "Guided Backprop", "signal",
+                 aliases=("guidedbackprop",)))
 class GuidedBackprop(Explainer):
     """Guided Backprop (Springenberg et al., 2015): gradient and DeconvNet combined.
 
@@ -610,8 +737,8 @@ class _PatternExplainer(Explainer):
                 f"patterns must be a toolkit.patterns.Patterns (from toolkit.fit_patterns), "
                 f"not {type(patterns).__name__}"
             )
-        if kind not in PATTERN_KINDS:
-            raise ValueError(f"kind must be one of {PATTERN_KINDS}, not {kind!r}")
+        if kind not in PATTERN_ESTIMATORS:
+            raise ValueError(f"kind must be one of {PATTERN_ESTIMATORS}, not {kind!r}")
         patterns.check(model)
         self.patterns = patterns
         self.kind = kind
@@ -693,6 +820,10 @@ class _PatternExplainer(Explainer):
         raise NotImplementedError
 
 
+@register(Method("patternnet_linear", "PatternNet S_a", r"PatternNet $S_a$", "signal",
+                 patterns=("linear",), options={"kind": "linear"}),
+          Method("patternnet", "PatternNet S_a+-", r"PatternNet $S_{a\pm}$", "signal",
+                 patterns=("positive",)))
 class PatternNet(_PatternExplainer):
     """PatternNet: the signal ``S(x)`` of the input that the selected output detects.
 
@@ -733,6 +864,10 @@ class PatternNet(_PatternExplainer):
         return pattern
 
 
+@register(Method("patternattribution_linear", "PattAttr S_a", r"PattAttr $S_a$", "attribution",
+                 patterns=("linear",), options={"kind": "linear"}),
+          Method("patternattribution", "PattAttr S_a+-", r"PattAttr $S_{a\pm}$", "attribution",
+                 patterns=("positive",)))
 class PatternAttribution(_PatternExplainer):
     """PatternAttribution: how much each input dimension contributes to the output.
 
@@ -766,6 +901,7 @@ class PatternAttribution(_PatternExplainer):
 # ----------------------------------------------------------------------------------
 # LRP
 # ----------------------------------------------------------------------------------
+@register(Method("lrp_z", "LRP-z", "LRP-z", "attribution", aliases=("lrpz",)))
 class LRPZ(Explainer):
     """LRP with the z-rule: deep Taylor decomposition with the root point 0.
 
@@ -814,3 +950,23 @@ class LRPZ(Explainer):
 
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         return inputs * grad
+
+
+# ----------------------------------------------------------------------------------
+# wrappers
+# ----------------------------------------------------------------------------------
+class Absolute:
+    """An explainer whose relevance is the absolute value of another's: ``|r|``.
+
+    A signal (the gradient, say) is signed by direction, not by relevance; ranking
+    regions by ``|r|`` asks where the method sees *something*, whatever its sign.
+    """
+
+    def __init__(self, explainer):
+        self.explainer = explainer
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self.explainer.attribute(inputs, target).abs()
+
+    def __repr__(self) -> str:
+        return f"Absolute({self.explainer!r})"

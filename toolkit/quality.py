@@ -36,16 +36,18 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
+from toolkit.estimators import ESTIMATORS, MEASURABLE
 from toolkit.layers import Layer, Plan
 from toolkit.streaming import model_device_and_dtype, same_device, stream
 from toolkit.linear import UndefinedQualityError
 
 __all__ = [
-    "ESTIMATORS",
+    "MEASURABLE",
     "UndefinedQualityError",
     "LayerMoments",
     "QualityResult",
@@ -53,7 +55,7 @@ __all__ = [
     "layer_patches",
     "random_pattern",
     "filter_pattern",
-    "estimator_patterns",
+    "estimator_directions",
     "rho_from_moments",
     "rho_active_from_moments",
     "ActiveLayerMoments",
@@ -62,9 +64,6 @@ __all__ = [
     "unexplained_linear",
     "unexplained_two_sided",
 ]
-
-#: Estimators ``layer_quality`` measures, in the order of the paper's figure.
-ESTIMATORS = ("random", "filter", "linear", "two_component")
 
 #: Over which samples each neuron is measured: all of them, or those where it is active.
 REGIMES = ("all", "active")
@@ -125,32 +124,37 @@ def filter_pattern(weight: Tensor) -> Tensor:
     return (w / torch.where(norm2 > 0, norm2, torch.ones_like(norm2))[:, None]).reshape(weight.shape)
 
 
-def estimator_patterns(name: str, weight: Tensor, layer_patterns=None, seed: int = 0
-                       ) -> tuple[Tensor, Tensor]:
-    """``(a_+, a_-)`` of the estimator ``name`` for one layer, float64 weight-shaped.
+def estimator_directions(name: str, weight: Tensor, layer_patterns=None, seed: int = 0
+                         ) -> tuple[Tensor, Tensor]:
+    """``(a_+, a_-)`` of the estimator ``name`` for one layer, float64 weight-shaped, as
+    :data:`toolkit.estimators.ESTIMATORS` says where its pattern comes from.
 
     The linear-type estimators return the same tensor twice.
     """
-    if name == "identity":
-        raise UndefinedQualityError(
-            "the identity estimator S_x(x) = x leaves the distractor d = x - S_x(x) = 0, so "
-            "corr(v^T d, y) is 0/0 for every v and rho(S_x) is undefined; measure the "
-            f"estimators {ESTIMATORS}"
-        )
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
-    if name == "random":
+    _check_measurable(name)
+    estimator = ESTIMATORS[name]
+    if estimator.pattern == "random":
         a = random_pattern(weight, seed).to(weight.device)
         return a, a
-    if name == "filter":
+    if estimator.pattern == "filter":
         a = filter_pattern(weight)
         return a, a
     if layer_patterns is None:
         raise ValueError(f"the estimator {name!r} needs fitted patterns (toolkit.fit_patterns)")
-    if name == "linear":
-        a = layer_patterns.linear
-        return a, a
-    return layer_patterns.positive, layer_patterns.negative
+    kinds = estimator.pattern_kinds
+    return getattr(layer_patterns, kinds[0]), getattr(layer_patterns, kinds[-1])
+
+
+def _check_measurable(name: str) -> None:
+    """Raise for an estimator without a quality (the identity) or an unknown name."""
+    if name in ESTIMATORS and not ESTIMATORS[name].measurable:
+        raise UndefinedQualityError(
+            "the identity estimator S_x(x) = x leaves the distractor d = x - S_x(x) = 0, so "
+            "corr(v^T d, y) is 0/0 for every v and rho(S_x) is undefined; measure the "
+            f"estimators {MEASURABLE}"
+        )
+    if name not in MEASURABLE:
+        raise ValueError(f"unknown estimator {name!r}; choose from {MEASURABLE}")
 
 
 # ----------------------------------------------------------------------------------
@@ -759,16 +763,54 @@ class QualityResult:
         """``{layer: {estimator: mean rho}}``."""
         return {layer: dict(self.mean[layer]) for layer in self.layers}
 
-    def table(self) -> str:
-        """The means as a text table, one row per layer."""
+    def ideal_rho(self) -> dict[str, float]:
+        """Per layer, roughly what an ideal estimator scores on a finite sample:
+        ``1 - sqrt(D / (n - 1))``.
+
+        Even a distractor that holds no information about ``y`` correlates with it by
+        chance, and the best of ``D`` read-outs does so by about ``sqrt(D / n)`` on ``n``
+        samples (``D`` = the inputs of a neuron; ``E[R^2] = D / (n - 1)`` for independent
+        Gaussian data). A layer whose values come near this level needs more samples, not
+        a better estimator. It is a rough guide, not a bound: a measured value can exceed
+        it a little.
+        """
+        ideal = {}
+        for layer in self.layers:
+            d, n = self.dims[layer], self.samples[layer]
+            ideal[layer] = 1 - math.sqrt(d / (n - 1)) if n > d + 1 else 0.0
+        return ideal
+
+    def table(self, decimals: int = 4, ideal: bool = False) -> str:
+        """The means as a text table, one row per layer, with the samples and ``D``.
+
+        Parameters
+        ----------
+        decimals : int
+            Digits of ``rho`` after the point.
+        ideal : bool
+            False: wide columns and, last, the number of neurons left out of the mean
+            (the report of ``toolkit quality``). True: narrow columns and, last, the
+            level of :meth:`ideal_rho` -- a short table that stays stable when rounded.
+        """
+        if ideal:  # column widths: estimator, samples, D, last
+            col, n_col, d_col, last_col = max(9, max(len(e) for e in self.estimators) + 2), 11, 6, 9
+            samples, last = "{:>11}", ("ideal", self.ideal_rho())
+        else:
+            col, n_col, d_col, last_col = 15, 12, 7, 11
+            samples, last = "{:>12,}", ("undefined", {k: self.undefined(k) for k in self.layers})
+
+        def number(v: float, width: int) -> str:  # rounded first: no "-0.00"
+            return f"{np.round(v, decimals) + 0.0:>{width}.{decimals}f}"
+
         width = max([len("layer")] + [len(n) for n in self.layers]) + 2
-        head = f"{'layer':<{width}}" + "".join(f"{e:>15}" for e in self.estimators) \
-            + f"{'samples':>12}{'D':>7}{'undefined':>11}"
+        head = (f"{'layer':<{width}}" + "".join(f"{e:>{col}}" for e in self.estimators)
+                + f"{'samples':>{n_col}}{'D':>{d_col}}{last[0]:>{last_col}}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
-            values = "".join(f"{self.mean[layer][e]:>15.4f}" for e in self.estimators)
-            lines.append(f"{layer:<{width}}{values}{self.samples[layer]:>12,}"
-                         f"{self.dims[layer]:>7}{self.undefined(layer):>11}")
+            values = "".join(number(self.mean[layer][e], col) for e in self.estimators)
+            tail = number(last[1][layer], last_col) if ideal else f"{last[1][layer]:>{last_col}}"
+            lines.append(f"{layer:<{width}}{values}{samples.format(self.samples[layer])}"
+                         f"{self.dims[layer]:>{d_col}}{tail}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -783,13 +825,10 @@ def _check_estimators(estimators: Sequence[str], patterns) -> tuple[str, ...]:
         estimators = (estimators,)
     estimators = tuple(estimators)
     if not estimators:
-        raise ValueError(f"give at least one estimator of {ESTIMATORS}")
+        raise ValueError(f"give at least one estimator of {MEASURABLE}")
     for name in estimators:
-        if name == "identity":
-            estimator_patterns(name, torch.zeros(1, 1))  # raises UndefinedQualityError
-        if name not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
-    if patterns is None and {"linear", "two_component"} & set(estimators):
+        _check_measurable(name)
+    if patterns is None and any(ESTIMATORS[e].pattern == "fitted" for e in estimators):
         raise ValueError("the estimators 'linear' and 'two_component' need fitted patterns: "
                          "pass patterns=toolkit.fit_patterns(model, fitting_data)")
     return estimators
@@ -824,7 +863,7 @@ def _device(model: nn.Module, device) -> torch.device:
     return same_device(torch.device(device), model_device) if device is not None else model_device
 
 
-def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = ESTIMATORS, *,
+def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = MEASURABLE, *,
                   layers: Sequence[str] | None = None, device=None, max_batches: int | None = None,
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
                   batch_size: int = 64, regime: str = "all", neurons=None,
@@ -846,7 +885,7 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         DataLoader) of tensors or ``(inputs, labels)`` pairs. The result does not depend
         on how the data is cut into batches (up to float64 round-off).
     estimators : sequence of str
-        Any of :data:`ESTIMATORS`. ``"identity"`` raises
+        Any of :data:`toolkit.estimators.MEASURABLE`. ``"identity"`` raises
         :class:`toolkit.linear.UndefinedQualityError` (its distractor is 0).
     layers : sequence of str, optional
         Names of the layers to measure (default all); the others cost nothing.
@@ -938,7 +977,7 @@ def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], 
     for layer in plan:
         weight = layer.weight().to(torch.float64)
         layer_patterns = patterns[layer.name] if patterns is not None else None
-        directions = {name: estimator_patterns(name, weight, layer_patterns, seed)
+        directions = {name: estimator_directions(name, weight, layer_patterns, seed)
                       for name in estimators}
         m = moments[layer.name]
         if regime == "active":

@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from toolkit import estimators
 from toolkit.linear import ESTIMATORS, explore
 from toolkit.plotting.toy import plot_exploration
 
@@ -38,7 +39,7 @@ FIGURE2_ANGLES = (90, 45, 135, 30)
 INVALID_CLASS = "explorer-invalid"
 
 # "two-component S_a+-" etc., plain text for the table and the dropdown
-_PLAIN_NAMES = {name: f"{name.replace('_', '-')} {cls.symbol}" for name, cls in ESTIMATORS.items()}
+_PLAIN_NAMES = {name: estimators.ESTIMATORS[name].title for name in ESTIMATORS}
 
 
 class PanelRenderer:

@@ -27,16 +27,13 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from toolkit.estimators import ESTIMATORS, MEASURABLE
+
 __all__ = ["QUALITY_LABELS", "QUALITY_STYLES", "ESTIMATOR_CURVES", "OFFSET", "plot_layer_quality",
            "plot_layer_quality_regimes", "plot_perturbation"]
 
-#: Legend names of the estimators, as in the paper.
-QUALITY_LABELS = {
-    "random": "random",
-    "filter": r"$S_w$",
-    "linear": r"$S_a$",
-    "two_component": r"$S_{a\pm}$",
-}
+#: Legend names of the estimators, as in the paper (:data:`toolkit.estimators.ESTIMATORS`).
+QUALITY_LABELS = {name: ESTIMATORS[name].legend for name in MEASURABLE}
 #: Colour, marker and line style per estimator.
 QUALITY_STYLES = {
     "random": dict(color="0.45", marker="x", linestyle="--"),
@@ -48,16 +45,15 @@ QUALITY_STYLES = {
 #: Sideways shift between the estimators' lines in the layer-quality figure (in layers).
 OFFSET = 0.07
 
+#: The identity estimator has no pattern: PatternAttribution with it is LRP-z.
+_IDENTITY_CURVE = (r"$S_x$ (gradient $\times$ input, LRP-z)",
+                   dict(color="tab:green", marker="D", linestyle="-."))
 #: The paper's Figure 5: PatternAttribution with each estimator (keys as in
 #: :func:`toolkit.compare.perturb_all`), with legend labels and styles.
 ESTIMATOR_CURVES = {
-    "lrp_z": (r"$S_x$ (gradient $\times$ input, LRP-z)", dict(color="tab:green", marker="D",
-                                                              linestyle="-.")),
-    "patternattribution_filter": (r"$S_w$", QUALITY_STYLES["filter"]),
-    "patternattribution_linear": (r"$S_a$", QUALITY_STYLES["linear"]),
-    "patternattribution": (r"$S_{a\pm}$", QUALITY_STYLES["two_component"]),
-    "random": ("random order", QUALITY_STYLES["random"]),
-}
+    e.attribution: _IDENTITY_CURVE if e.pattern == "none" else (e.legend, QUALITY_STYLES[e.name])
+    for e in ESTIMATORS.values() if e.attribution
+} | {"random": ("random order", QUALITY_STYLES["random"])}
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1)))

@@ -32,11 +32,12 @@ __all__ = [
     "input_image",
     "explanation_grid",
     "prediction_labels",
-    "KINDS",
+    "OUTPUTS",
 ]
 
-#: The kinds of explanation :func:`explanation_grid` draws, and how.
-KINDS = ("signal", "attribution")
+#: The outputs of the methods :func:`explanation_grid` draws, and how (as
+#: :data:`toolkit.methods.OUTPUTS`, not imported, so that drawing needs no torch).
+OUTPUTS = ("signal", "attribution")
 HEATMAP_CMAP = "seismic"
 
 
@@ -205,8 +206,9 @@ def explanation_grid(images, explanations: Mapping[str, object], kinds: Mapping[
     explanations : dict name -> Tensor or array, shape (N, C, H, W)
         One entry per method, in column order.
     kinds : dict name -> {"signal", "attribution"}
-        How each explanation is drawn: as an image (:func:`signal_image`) or as a
-        heatmap (:func:`heatmap`).
+        Each method's output (:data:`OUTPUTS`; :data:`toolkit.compare.OUTPUTS` has them
+        for the registered methods), and so how it is drawn: as an image
+        (:func:`signal_image`) or as a heatmap (:func:`heatmap`).
     titles : dict name -> str or sequence of str, optional
         Column titles of the explanations; the names by default.
     row_labels : sequence of str, optional
@@ -221,8 +223,8 @@ def explanation_grid(images, explanations: Mapping[str, object], kinds: Mapping[
     inputs = [_as_chw(image, "images[i]") for image in _batch(images, "images")]
     names = list(explanations)
     for name in names:
-        if kinds.get(name) not in KINDS:
-            raise ValueError(f"kinds[{name!r}] must be one of {KINDS}, got {kinds.get(name)!r}")
+        if kinds.get(name) not in OUTPUTS:
+            raise ValueError(f"kinds[{name!r}] must be one of {OUTPUTS}, got {kinds.get(name)!r}")
     columns = {name: _batch(explanations[name], name, len(inputs)) for name in names}
     for name, pictures in columns.items():
         if pictures[0].shape[1:] != inputs[0].shape[1:]:

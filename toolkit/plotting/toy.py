@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from toolkit import linear
+from toolkit.estimators import ESTIMATORS
 
 __all__ = [
     "ESTIMATOR_LABELS",
@@ -31,13 +32,7 @@ __all__ = [
     "plot_estimator_comparison",
 ]
 
-ESTIMATOR_LABELS = {
-    "identity": r"identity $S_x$",
-    "filter": r"filter $S_w$",
-    "linear": r"linear $S_a$",
-    "two_component": r"two-component $S_{a\pm}$",
-    "random": r"random $S_{rand}$",
-}
+ESTIMATOR_LABELS = {name: ESTIMATORS[name].label for name in linear.ESTIMATORS}
 """Display names of the estimators, by the names of :data:`toolkit.linear.ESTIMATORS`."""
 
 COLORS = {
