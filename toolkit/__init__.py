@@ -34,7 +34,7 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "layers", "residual", "patterns", "precision", "methods", "quality", "perturbation", "data",
+    "linear", "layers", "residual", "patterns", "methods", "quality", "perturbation", "data",
     "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
 )
 
