@@ -75,9 +75,9 @@ def _one_line_error(capsys, command: str) -> str:
 # the pipeline
 # ----------------------------------------------------------------------------------
 def test_fit_writes_patterns_of_the_model(workspace, fitted, capsys):
-    from toolkit.models import load_model
+    from toolkit.models import load_saved_model
 
-    model, _ = load_model(workspace / "tiny.safetensors")
+    model, _ = load_saved_model(workspace / "tiny.safetensors")
     patterns = Patterns.load(fitted, model)  # checks the fingerprint
     assert patterns.names == ["features.0", "features.2", "features.5", "features.7",
                               "classifier.1", "classifier.3"]

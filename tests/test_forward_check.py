@@ -11,8 +11,8 @@ What must hold:
   equals autograd's; DeconvNet and Guided Backprop refuse a functional ReLU, because
   their ReLU rule is applied at ``nn.ReLU`` modules;
 * a forward torch.fx cannot trace gets an UnverifiedForwardWarning that says what was
-  not checked; the supported models (torchvision VGG/AlexNet, toolkit.models,
-  toolkit.experiment) are traced and pass without a warning.
+  not checked; the supported models (torchvision VGG/AlexNet, toolkit.models' SmallVGG
+  and MiniVGG16) are traced and pass without a warning.
 """
 from __future__ import annotations
 
@@ -235,8 +235,7 @@ def test_supported_torchvision_models_pass_without_warning(name):
 
 
 def test_toolkit_models_pass_without_warning():
-    from toolkit.experiment import MiniVGG16
-    from toolkit.models import SmallVGG
+    from toolkit.models import MiniVGG16, SmallVGG
 
     for model, shape in [(SmallVGG(in_channels=1, image_size=8, width=2, hidden=4), (1, 1, 8, 8)),
                          (MiniVGG16(), None)]:

@@ -10,6 +10,7 @@ from toolkit.data import data_dir
 from toolkit.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PHOTOGRAPHS,
     ImageFiles,
     LayoutError,
     Preprocessing,
@@ -17,7 +18,9 @@ from toolkit.imagenet import (
     denormalize,
     image_dataset,
     imagenet,
+    load_photographs,
     make_loader,
+    photo_crops,
     read_images,
 )
 
@@ -207,3 +210,16 @@ def test_device_decoding_needs_image_files():
 def test_image_files_checks_labels(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         ImageFiles([tmp_path / "a.jpg"], labels=[0, 1])
+
+
+# ----------------------------------------------------------------------------------
+# the shipped photographs
+# ----------------------------------------------------------------------------------
+def test_photo_crops_are_reproducible():
+    photos, names = load_photographs()
+    assert names == list(PHOTOGRAPHS) and all(p.dtype == torch.uint8 for p in photos)
+    a, labels = photo_crops(photos, 12, 32, seed=5)
+    b, _ = photo_crops(photos, 12, 32, seed=5)
+    c, _ = photo_crops(photos, 12, 32, seed=6)
+    assert a.shape == (12, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert labels.tolist() == [i % 5 for i in range(12)]

@@ -1,4 +1,4 @@
-"""Tests of toolkit.models: SmallVGG, the training loop, the shipped weights."""
+"""Tests of toolkit.models: SmallVGG, the training loop, the shipped weights, the stand-in."""
 import pytest
 import torch
 from torch import nn
@@ -8,9 +8,10 @@ from toolkit.models import (
     SmallVGG,
     accuracy,
     load_fashion_cnn,
-    load_model,
+    load_saved_model,
     predict,
     save_model,
+    stand_in_model,
     train,
 )
 
@@ -104,7 +105,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = SmallVGG(num_classes=2, image_size=32, width=4, dropout=0.2).eval()
     path = tmp_path / "m.safetensors"
     save_model(model, path, test_accuracy=0.5, seed=1)
-    loaded, metadata = load_model(path)
+    loaded, metadata = load_saved_model(path)
     assert metadata["test_accuracy"] == "0.5" and metadata["seed"] == "1"
     assert loaded.config == model.config and not loaded.training
     x = torch.rand(3, 1, 32, 32)
@@ -126,3 +127,21 @@ def test_missing_weights_message(tmp_path, monkeypatch):
     message = str(info.value)
     assert str(tmp_path) in message
     assert "scripts/train_fashion_cnn.py" in message and "TOOLKIT_DATA" in message
+
+
+def test_stand_in_model_tells_the_photographs_apart():
+    from toolkit.imagenet import load_photographs, photo_crops
+
+    photos, _ = load_photographs()
+    images, labels = photo_crops(photos, 100, 32, seed=1)
+    model = stand_in_model(images, labels, calibration=50)
+    again = stand_in_model(images, labels, calibration=50)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
+    assert [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == \
+        [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)] + \
+        [f"classifier.{i}" for i in (0, 3, 6)]  # VGG16's layer names
+    test, test_labels = photo_crops(photos, 50, 32, seed=2)
+    with torch.no_grad():
+        train_accuracy = (model(images).argmax(1) == labels).float().mean()
+        test_accuracy = (model(test).argmax(1) == test_labels).float().mean()
+    assert train_accuracy > 0.9 and test_accuracy > 0.5

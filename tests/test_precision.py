@@ -4,7 +4,7 @@ Fitting patterns streams float64 sums, but the per-batch products may be compute
 float32 (``compute_dtype``), the model may run in float32 with channels-last tensors, and
 on a GPU cuBLAS/cuDNN may use TF32. Notebook 04 uses these settings for VGG16 only where
 they do not hurt the statistics, and checks them against a float64 fit on a subset
-(:func:`toolkit.experiment.pattern_difference`). These tests pin the tolerances down on a
+(:func:`toolkit.precision.pattern_difference`). These tests pin the tolerances down on a
 small VGG-like network with random weights and random, smooth, offset images:
 
 * float32 model + float32 products vs the float64 reference (``model.double()``, float64
@@ -23,11 +23,11 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit import experiment
+from toolkit import experiment, precision
 from toolkit.patterns import fit_patterns
 
 #: float32 products (and a float32 forward pass) vs float64, CPU. The network here
-#: reaches about 1e-5; notebook 04 allows experiment.FLOAT32_TOLERANCE (5e-3) on VGG16,
+#: reaches about 1e-5; notebook 04 allows precision.FLOAT32_TOLERANCE (5e-3) on VGG16,
 #: whose inactive components a_- lose up to ~1e-3 to float32 cancellation.
 RTOL_FLOAT32 = 1e-3
 #: contiguous vs channels-last in float64: only the order of the sums differs
@@ -111,7 +111,7 @@ def kept_components(reference) -> int:
 # ----------------------------------------------------------------------------------
 def test_float32_products_agree_with_float64_reference(model, images, reference):
     fast = fit_patterns(model, batches(images), compute_dtype=torch.float32, progress=False)
-    difference = experiment.pattern_difference(fast, reference)
+    difference = precision.pattern_difference(fast, reference)
     assert set(difference) == set(reference.names)
     assert max(difference.values()) < RTOL_FLOAT32, difference
     # the comparison is not empty: most components of every layer are compared
@@ -127,7 +127,7 @@ def test_float32_products_agree_with_float64_reference(model, images, reference)
 def test_float64_products_of_a_float32_model_are_closer(model, images, reference):
     """Only the float32 forward pass differs: an order of magnitude below RTOL_FLOAT32."""
     fast = fit_patterns(model, batches(images), compute_dtype=torch.float64, progress=False)
-    assert max(experiment.pattern_difference(fast, reference).values()) < RTOL_FLOAT32 / 10
+    assert max(precision.pattern_difference(fast, reference).values()) < RTOL_FLOAT32 / 10
 
 
 def test_sums_stay_float64_whatever_the_compute_dtype(model, images):
@@ -164,14 +164,14 @@ def test_channels_last_float32_agrees_with_contiguous_float32(model, images):
     patterns = fit_patterns(model_cl, batches(images, channels_last=True), compute_dtype=torch.float32,
                             progress=False)
     assert patterns.fingerprint == contiguous.fingerprint
-    assert max(experiment.pattern_difference(patterns, contiguous).values()) < RTOL_FLOAT32
+    assert max(precision.pattern_difference(patterns, contiguous).values()) < RTOL_FLOAT32
 
 
 # ----------------------------------------------------------------------------------
 # the comparison itself
 # ----------------------------------------------------------------------------------
 def test_pattern_difference_is_zero_for_identical_patterns(reference):
-    assert all(v == 0.0 for v in experiment.pattern_difference(reference, reference).values())
+    assert all(v == 0.0 for v in precision.pattern_difference(reference, reference).values())
 
 
 def test_pattern_difference_sees_a_changed_neuron(reference):
@@ -183,7 +183,7 @@ def test_pattern_difference_sees_a_changed_neuron(reference):
     changed[3] *= 1.01
     layers[name] = LayerPatterns(changed, reference[name].positive, reference[name].negative)
     other = Patterns(layers, reference.fingerprint, reference.statistics)
-    difference = experiment.pattern_difference(other, reference)
+    difference = precision.pattern_difference(other, reference)
     assert math.isclose(difference[name], 0.01, rel_tol=1e-9)
     assert all(v == 0.0 for layer, v in difference.items() if layer != name)
 
@@ -207,8 +207,8 @@ def test_pattern_difference_leaves_out_components_with_few_samples(reference):
     p[kind][j] += 1.0
     layers[name] = LayerPatterns(**p)
     other = Patterns(layers, reference.fingerprint, reference.statistics)
-    assert experiment.pattern_difference(other, reference)[name] == 0.0
-    assert experiment.pattern_difference(other, reference, min_samples=0, min_fraction=0.0)[name] > 0
+    assert precision.pattern_difference(other, reference)[name] == 0.0
+    assert precision.pattern_difference(other, reference, min_samples=0, min_fraction=0.0)[name] > 0
 
 
 # ----------------------------------------------------------------------------------
@@ -224,10 +224,10 @@ def test_gpu_float32_channels_last_against_float64_cpu_reference(model, images, 
 
     model_gpu = copy.deepcopy(model).cuda().to(memory_format=torch.channels_last)
     data = [b.cuda() for b in batches(images, channels_last=True)]
-    with experiment.tf32(tf32):
+    with precision.tf32(tf32):
         assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
         patterns = fit_patterns(model_gpu, data, compute_dtype=torch.float32, progress=False)
-    difference = experiment.pattern_difference(patterns, reference)
+    difference = precision.pattern_difference(patterns, reference)
     assert max(difference.values()) < rtol, difference
 
 
@@ -236,24 +236,24 @@ def test_gpu_float64_matches_cpu_float64_reference(model, images, reference):
     model_gpu = _double(model).cuda()
     data = [b.cuda() for b in batches(images.double())]
     patterns = fit_patterns(model_gpu, data, compute_dtype=torch.float64, progress=False)
-    assert max(experiment.pattern_difference(patterns, reference).values()) < 1e-9
+    assert max(precision.pattern_difference(patterns, reference).values()) < 1e-9
 
 
 def test_notebook_fast_settings():
     """The notebook's tolerances are within a few times the tested ones; the stand-in
     never fits with the fast settings (its numbers must not depend on the machine)."""
-    assert RTOL_FLOAT32 <= experiment.FLOAT32_TOLERANCE <= 10 * RTOL_FLOAT32
-    assert RTOL_TF32 <= experiment.TF32_TOLERANCE <= 10 * RTOL_TF32
+    assert RTOL_FLOAT32 <= precision.FLOAT32_TOLERANCE <= 10 * RTOL_FLOAT32
+    assert RTOL_TF32 <= precision.TF32_TOLERANCE <= 10 * RTOL_TF32
     settings = experiment.Config.from_env(environ={"TOOLKIT_MODE": "stand-in"}).fast_settings()
     assert settings == {"compute_dtype": torch.float32, "tf32": False, "channels_last": False,
-                        "tolerance": experiment.FLOAT32_TOLERANCE, "use": False}
+                        "tolerance": precision.FLOAT32_TOLERANCE, "use": False}
 
 
 def test_tf32_context_restores_the_settings():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    with experiment.tf32(True):
+    with precision.tf32(True):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        with experiment.tf32(False):
+        with precision.tf32(False):
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
@@ -370,27 +370,18 @@ def test_sizes_are_checked():
         replace_sizes(experiment.STAND_IN_SIZES, perturbation_steps=50)  # 64 px: 7 x 7 regions
 
 
-def test_photo_crops_are_reproducible():
-    photos, names = experiment.load_photographs()
-    assert names == list(experiment.PHOTOGRAPHS) and all(p.dtype == torch.uint8 for p in photos)
-    a, labels = experiment.photo_crops(photos, 12, 32, seed=5)
-    b, _ = experiment.photo_crops(photos, 12, 32, seed=5)
-    c, _ = experiment.photo_crops(photos, 12, 32, seed=6)
-    assert a.shape == (12, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
-    assert labels.tolist() == [i % 5 for i in range(12)]
+def test_a_fit_switches_tf32_on_only_for_compute_dtype_tf32():
+    """Statistics wrap their products in patterns._tf32: on for compute_dtype="tf32", and
+    otherwise the caller's settings (a ``with precision.tf32(...)`` around the fit) stand."""
+    from toolkit.patterns import _tf32
 
+    def switches():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
-def test_stand_in_model_tells_the_photographs_apart():
-    photos, _ = experiment.load_photographs()
-    images, labels = experiment.photo_crops(photos, 100, 32, seed=1)
-    model = experiment.stand_in_model(images, labels, calibration=50)
-    again = experiment.stand_in_model(images, labels, calibration=50)
-    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
-    assert [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == \
-        [f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)] + \
-        [f"classifier.{i}" for i in (0, 3, 6)]  # VGG16's layer names
-    test, test_labels = experiment.photo_crops(photos, 50, 32, seed=2)
-    with torch.no_grad():
-        train_accuracy = (model(images).argmax(1) == labels).float().mean()
-        test_accuracy = (model(test).argmax(1) == test_labels).float().mean()
-    assert train_accuracy > 0.9 and test_accuracy > 0.5
+    for outer in (False, True):
+        with precision.tf32(outer):
+            with _tf32(False):
+                assert switches() == (outer, outer)
+            with _tf32(True):
+                assert switches() == (True, True)
+            assert switches() == (outer, outer)

@@ -530,7 +530,7 @@ def test_active_moments_reshift_is_exact():
 
 
 def test_active_regime_counts_per_layer_and_the_memory_plan(fitted):
-    from toolkit.experiment import active_regime_neurons
+    from toolkit.quality import active_regime_neurons
     import toolkit.quality as quality
     model, patterns = fitted
     x = images(100, seed=2)

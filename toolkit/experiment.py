@@ -12,6 +12,11 @@ pretrained VGG16 weights and ImageNet. :meth:`Config.from_env` looks for them an
   and a read-out fitted to tell the five shipped photographs (``data/images/``) apart, on
   64 x 64 random crops of those photographs, on the CPU. Nothing is downloaded, ever.
 
+This module holds only the choice, the sizes, the time estimate and the data of each
+split; the pieces live with their kind: the stand-in network in :mod:`toolkit.models`
+(:func:`~toolkit.models.stand_in_model`), the photographs and their crops in
+:mod:`toolkit.imagenet`, the check of the fast fitting settings in :mod:`toolkit.precision`.
+
 Environment variables (all optional):
 
 =========================  ===================================================================
@@ -32,9 +37,7 @@ Environment variables (all optional):
 from __future__ import annotations
 
 import json
-import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +45,10 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from toolkit.imagenet import PHOTOGRAPHS, load_photographs, photo_crops
+from toolkit.models import stand_in_model
+from toolkit.precision import FLOAT32_TOLERANCE, TF32_TOLERANCE, model_dtype
 
 __all__ = [
     "ENVIRONMENT",
@@ -51,16 +58,6 @@ __all__ = [
     "Rates",
     "ASSUMED_RATES",
     "Config",
-    "active_regime_neurons",
-    "MiniVGG16",
-    "PHOTOGRAPHS",
-    "load_photographs",
-    "photo_crops",
-    "stand_in_model",
-    "tf32",
-    "pattern_difference",
-    "FLOAT32_TOLERANCE",
-    "TF32_TOLERANCE",
     "estimate_seconds",
 ]
 
@@ -75,9 +72,6 @@ ENVIRONMENT = {
     "TOOLKIT_BENCHMARK": "rates measured by benchmarks/vgg16.py --json, for the time estimate",
 }
 MODES = ("auto", "full", "stand-in")
-
-#: The shipped photographs (data/images/<name>.jpg); the stand-in model's classes.
-PHOTOGRAPHS = ("astronaut", "camera", "cat", "coffee", "rocket")
 
 
 # ----------------------------------------------------------------------------------
@@ -113,7 +107,7 @@ class Sizes:
         Images of the float64 reference fit that checks the fast settings.
     active_neurons : int
         At most this many neurons per layer are measured on the active regime (each
-        needs a ``D x D`` float64 moment; see :func:`active_regime_neurons`).
+        needs a ``D x D`` float64 moment; see :func:`toolkit.quality.active_regime_neurons`).
     """
 
     fit_images: int
@@ -146,27 +140,6 @@ FULL_SIZES = Sizes(fit_images=640_000, quality_images=5_000, quality_dense_image
 STAND_IN_SIZES = Sizes(fit_images=768, quality_images=128, quality_dense_images=1536,
                        perturbation_images=32, perturbation_steps=20, patch=9, random_repeats=3,
                        batch_size=64, image_size=64, precision_images=128)
-
-
-def active_regime_neurons(model: nn.Module, inputs: Tensor, layers, cap: int) -> dict[str, int]:
-    """How many neurons of each layer ``layer_quality(..., regime="active")`` can measure.
-
-    At most ``cap`` per layer and at most what fits into
-    :data:`toolkit.quality.ACTIVE_MOMENT_ELEMENTS` float64 numbers (``K D^2``); layers
-    where not even one neuron fits (VGG16's first dense layer, ``D = 25088``) are left
-    out of the result. Pass it as ``neurons=`` with ``layers=list(result)``.
-    """
-    from toolkit.layers import trace
-    from toolkit.quality import ACTIVE_MOMENT_ELEMENTS
-
-    counts = {}
-    for layer in trace(model, inputs[:1]):
-        if layer.name in layers:
-            dim = layer.weight()[0].numel()
-            fit = ACTIVE_MOMENT_ELEMENTS // (dim * dim)
-            if fit >= 1:
-                counts[layer.name] = min(cap, fit, layer.out_features)
-    return counts
 
 
 @dataclass(frozen=True)
@@ -211,15 +184,6 @@ ASSUMED_RATES = Rates(forward=1500.0, fitting=375.0, explanation=600.0, quality=
                       quality_closed_form_s=150.0,
                       source="assumed for one H100-class GPU, not measured (see toolkit/experiment.py)")
 
-#: Largest :func:`pattern_difference` from a float64 fit allowed for a float32 model and
-#: float32 products on a CPU, and with TF32 on a GPU. The weak spot is ``a_-``: its sums
-#: are the differences of the all-sample and the active-sample sums, each accumulated in
-#: float32 within a batch, so where the inactive part's covariance is small next to the
-#: total, ``a_-`` loses about three digits (up to 1e-3 on notebook 04's stand-in; the
-#: other patterns agree to about 1e-5). tests/test_precision.py checks both settings.
-FLOAT32_TOLERANCE = 5e-3
-TF32_TOLERANCE = 5e-2
-
 #: Ordered perturbation curves of notebook 04: 8 methods, PatternAttribution with S_w,
 #: and three methods ranked by |signal|; plus the random order.
 PERTURBATION_CURVES = 12
@@ -253,218 +217,18 @@ def _duration(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------
-# the stand-in network and data
+# the stand-in's data
 # ----------------------------------------------------------------------------------
-_VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-class MiniVGG16(nn.Module):
-    """VGG16's sixteen layers with ``1/divisor`` of its channels, for small images.
-
-    ``features`` is torchvision's VGG16 feature stack (13 convolutions 3x3, padding 1,
-    ReLU, 5 max-poolings) with ``64/divisor ... 512/divisor`` channels, so its layers have
-    VGG16's names (``features.0`` ... ``features.28``); then global average pooling and
-    ``classifier`` = dense ``512/divisor -> hidden -> hidden -> classes`` with ReLU and
-    Dropout between (``classifier.0``, ``.3``, ``.6``, as in VGG16).
-    """
-
-    def __init__(self, classes: int = len(PHOTOGRAPHS), divisor: int = 8, hidden: int = 64):
-        super().__init__()
-        from torchvision.models.vgg import make_layers
-
-        config = [c if c == "M" else c // divisor for c in _VGG16_CONFIG]
-        self.features = make_layers(config)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(512 // divisor, hidden), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(hidden, classes),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-    def penultimate(self, x: Tensor) -> Tensor:
-        """The input of the last layer (after the second dense layer's ReLU)."""
-        return self.classifier[:5](torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-def load_photographs(folder: str | os.PathLike | None = None) -> tuple[list[Tensor], list[str]]:
-    """The shipped photographs as ``uint8`` ``(3, H, W)`` tensors, in :data:`PHOTOGRAPHS` order."""
-    from toolkit.data import data_dir
-    from toolkit.imagenet import decode_image
-
-    folder = Path(folder) if folder is not None else data_dir() / "images"
-    return [decode_image(folder / f"{name}.jpg") for name in PHOTOGRAPHS], list(PHOTOGRAPHS)
-
-
-def photo_crops(photos: list[Tensor], n: int, size: int, seed: int, scale: tuple[float, float] = (0.08, 1.0),
-                mean=None, std=None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """``n`` random crops of the photographs, resized to ``size``, normalised like ImageNet.
-
-    Crop ``i`` comes from photograph ``i % len(photos)`` (so every photograph gives as
-    many); its area is a uniform fraction ``scale`` of the photograph's, its aspect ratio
-    log-uniform in [3/4, 4/3], its place uniform, and it is mirrored with probability 1/2
-    (torchvision's ``RandomResizedCrop`` recipe). Everything is drawn from one generator
-    seeded with ``seed``; resizing (bilinear, antialiased) is done in ``dtype``.
-
-    Returns
-    -------
-    images : Tensor (n, 3, size, size), ``dtype``
-    labels : Tensor (n,), the photograph of each crop
-    """
-    from torchvision.transforms.v2 import functional as TF
-
-    from toolkit.imagenet import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(mean or IMAGENET_MEAN, dtype=dtype)[:, None, None]
-    std = torch.tensor(std or IMAGENET_STD, dtype=dtype)[:, None, None]
-    generator = torch.Generator().manual_seed(int(seed))
-    floats = [p.to(dtype) / 255 for p in photos]
-    out = torch.empty(n, 3, size, size, dtype=dtype)
-    labels = torch.arange(n) % len(photos)
-    for i in range(n):
-        image = floats[int(labels[i])]
-        h, w = image.shape[1:]
-        u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
-        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
-        ch = max(1, min(h, round(math.sqrt(area / ratio))))
-        cw = max(1, min(w, round(math.sqrt(area * ratio))))
-        top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
-        crop = TF.resized_crop(image, top, left, ch, cw, [size, size],
-                               interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        if u[4] < 0.5:
-            crop = crop.flip(-1)
-        out[i] = (crop.clamp(0, 1) - mean) / std
-    return out, labels
-
-
-def stand_in_model(images: Tensor, labels: Tensor, seed: int = 0, divisor: int = 16, hidden: int = 64,
-                   ridge: float = 1e-2, confidence: float = 10.0, calibration: int = 128) -> MiniVGG16:
-    """The stand-in classifier: random features, a read-out fitted to the photographs.
-
-    * Every Conv2d and Linear layer but the last gets He-normal weights
-      (``N(0, 2 / fan_in)``, from a generator seeded with ``seed``).
-    * Its bias is set, layer after layer, to minus the median of its output ``w^T x``
-      over the first ``calibration`` images (all positions), so that every neuron is
-      active on about half of the data -- as in a trained network, where almost no unit
-      is always on or always off. The threshold lies halfway between the two middle
-      values: a sample exactly on it would be active or not depending on round-off.
-    * The last layer is fitted in closed form: ridge regression (float64; ``ridge``
-      times the mean eigenvalue of the Gram matrix) of the one-hot labels on the
-      penultimate activations of all ``images``, times ``confidence`` so that the
-      softmax is decisive.
-
-    No gradient descent, nothing to converge: the same weights on every machine up to
-    float round-off.
-
-    Returns
-    -------
-    MiniVGG16 in the dtype of ``images``, eval mode
-    """
-    classes = int(labels.max()) + 1
-    model = MiniVGG16(classes, divisor, hidden).to(images.dtype).eval()
-    generator = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        x = images[:calibration]
-        for module in [*model.features, model.avgpool, nn.Flatten(), *model.classifier[:5]]:
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator, dtype=torch.float64)
-                                    * math.sqrt(2 / fan_in))
-                module.bias.zero_()
-                y = module(x)
-                values = y.movedim(1, -1).reshape(-1, y.shape[1]).sort(0).values
-                middle = len(values) // 2  # halfway between two samples, never on one
-                module.bias.copy_(-(values[middle - 1] + values[middle]) / 2)
-            x = module(x)
-        h = torch.cat([model.penultimate(x) for x in images.split(256)]).double()
-        h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
-        targets = nn.functional.one_hot(labels, classes).double()
-        gram = h1.T @ h1
-        penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=h.dtype)
-        penalty[-1, -1] = 0  # the bias is not penalised
-        solution = torch.linalg.solve(gram + penalty, h1.T @ targets) * confidence
-        last = model.classifier[6]
-        last.weight.copy_(solution[:-1].T)
-        last.bias.copy_(solution[-1])
-    return model
-
-
 @lru_cache(maxsize=8)
 def _cached_crops(n: int, size: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Crops of the shipped photographs, kept: each split (seed) is asked for more than once."""
     photos, _ = load_photographs()
     return photo_crops(photos, n, size, seed, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------
-# precision
-# ----------------------------------------------------------------------------------
-@contextmanager
-def tf32(enabled: bool):
-    """Allow (or forbid) TF32 in cuBLAS and cuDNN for the block; restore the settings after."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-def pattern_difference(patterns, reference, min_samples: int = 100,
-                       min_fraction: float = 0.01) -> dict[str, float]:
-    """Per layer, the largest relative difference of any neuron's pattern from ``reference``.
-
-    For every neuron and each of ``linear``, ``positive`` and ``negative``:
-    ``|a - a_ref| / |a_ref|`` (Euclidean norms of the neuron's pattern). A component fitted
-    on fewer than ``min_samples`` samples, or fewer than ``min_fraction`` of the layer's
-    samples, in the reference (``positive``: active samples, ``negative``: inactive ones)
-    is left out: a pattern from a handful of samples is ill-conditioned -- its covariance
-    is a small difference of large sums, its denominator ``w^T cov`` nearly 0 -- and moves
-    with any round-off, whatever the precision. Zero reference patterns count the absolute
-    difference.
-
-    Parameters
-    ----------
-    patterns, reference : toolkit.patterns.Patterns
-        ``reference`` must carry its statistics (as fitted patterns do).
-    min_samples : int
-    min_fraction : float
-
-    Returns
-    -------
-    dict[str, float]
-        ``{layer: largest relative difference}`` (0.0 if every component was left out).
-    """
-    out = {}
-    for name in reference.names:
-        stats = reference.statistics[name]
-        counts = {"linear": stats.n.expand_as(stats.n_pos), "positive": stats.n_pos,
-                  "negative": stats.n - stats.n_pos}
-        worst = 0.0
-        for kind, ref in reference[name].tensors().items():
-            ref = ref.to(torch.float64).reshape(ref.shape[0], -1)
-            a = getattr(patterns[name], kind).to(torch.float64).reshape(ref.shape)
-            norm = ref.norm(dim=1)
-            diff = (a - ref).norm(dim=1)
-            relative = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1.0), diff)
-            kept = counts[kind].cpu() >= max(min_samples, min_fraction * float(stats.n))
-            if kept.any():
-                worst = max(worst, float(relative[kept].max()))
-        out[name] = worst
-    return out
-
-
-# ----------------------------------------------------------------------------------
 # the configuration
 # ----------------------------------------------------------------------------------
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of a model's first parameter."""
-    return next(model.parameters()).dtype
-
-
 def _env_path(environ: Mapping[str, str], name: str) -> Path | None:
     value = environ.get(name, "").strip()
     return Path(value).expanduser() if value else None
@@ -646,8 +410,14 @@ class Config:
         return "\n".join(rows)
 
     # -- the model -------------------------------------------------------------------
-    def load_model(self) -> tuple[nn.Module, list[str]]:
-        """The network and its class names: VGG16 (full) or the stand-in (float32, eval)."""
+    def model_and_categories(self) -> tuple[nn.Module, list[str]]:
+        """The network, in eval mode, and its class names.
+
+        Full: the pretrained VGG16 in float32 on :attr:`device` (channels-last on a GPU) and
+        ImageNet's 1000 categories. Stand-in: :func:`toolkit.models.stand_in_model` fitted
+        to the crops of :meth:`fitting_data`, in :attr:`dtype` (float64), on the CPU, and
+        the names of the photographs (:data:`toolkit.imagenet.PHOTOGRAPHS`).
+        """
         if self.is_full:
             from toolkit.zoo import imagenet_categories, torchvision_model
 
@@ -763,8 +533,9 @@ class Config:
         """The fast fitting settings, and the tolerance they must meet against float64.
 
         A float32 model and float32 products (the sums stay float64); on a GPU also TF32
-        in cuBLAS/cuDNN and the model in channels-last (set by :meth:`load_model`).
-        ``tolerance`` bounds :func:`pattern_difference` from the float64 reference
+        in cuBLAS/cuDNN (:func:`toolkit.precision.tf32`) and the model in channels-last
+        (set by :meth:`model_and_categories`). ``tolerance`` bounds
+        :func:`toolkit.precision.pattern_difference` from the float64 reference
         (tests/test_precision.py). ``use`` says whether the fit may use them once they
         pass: in a full run; never for the stand-in, which fits in float64 throughout.
         """

@@ -36,6 +36,8 @@ layouts:
 :func:`image_dataset` reads any folder: an ImageNet root, a folder of class folders, or
 a flat folder of images (labelled when a label file is found, else with label ``-1``);
 :func:`read_images` turns a few files or folders into one preprocessed batch.
+:func:`load_photographs` reads the photographs shipped in ``data/images/`` and
+:func:`photo_crops` cuts reproducible random crops from them (notebook 04's stand-in data).
 
 Loading
 -------
@@ -47,6 +49,7 @@ read the files, ``torchvision.io.decode_jpeg`` decodes a whole batch on the devi
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import warnings
@@ -78,6 +81,9 @@ __all__ = [
     "TENSOR_SUFFIXES",
     "tensor_dataset",
     "read_images",
+    "PHOTOGRAPHS",
+    "load_photographs",
+    "photo_crops",
     "ShardSampler",
     "DeviceDecoder",
     "make_loader",
@@ -680,6 +686,65 @@ def read_images(paths: str | os.PathLike | Iterable[str | os.PathLike],
     else:
         decoded = [decode_image(f) for f in files]
     return torch.stack([preprocessing(image) for image in decoded]), [f.name for f in files]
+
+
+# ----------------------------------------------------------------------------------
+# the shipped photographs, and random crops of them
+# ----------------------------------------------------------------------------------
+#: The photographs shipped in ``data/images/<name>.jpg``, in this order.
+PHOTOGRAPHS = ("astronaut", "camera", "cat", "coffee", "rocket")
+
+
+def load_photographs(folder: str | os.PathLike | None = None) -> tuple[list[Tensor], list[str]]:
+    """The shipped photographs as ``uint8`` ``(3, H, W)`` tensors, in :data:`PHOTOGRAPHS` order.
+
+    ``folder`` defaults to ``images/`` in :func:`toolkit.data.data_dir`.
+    """
+    from toolkit.data import data_dir
+
+    folder = Path(folder) if folder is not None else data_dir() / "images"
+    return [decode_image(folder / f"{name}.jpg") for name in PHOTOGRAPHS], list(PHOTOGRAPHS)
+
+
+def photo_crops(photos: list[Tensor], n: int, size: int, seed: int, scale: tuple[float, float] = (0.08, 1.0),
+                mean=None, std=None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """``n`` random crops of the photographs, resized to ``size``, normalised like ImageNet.
+
+    Crop ``i`` comes from photograph ``i % len(photos)`` (so every photograph gives as
+    many); its area is a uniform fraction ``scale`` of the photograph's, its aspect ratio
+    log-uniform in [3/4, 4/3], its place uniform, and it is mirrored with probability 1/2
+    (torchvision's ``RandomResizedCrop`` recipe). Everything is drawn from one generator
+    seeded with ``seed``; resizing (bilinear, antialiased) is done in ``dtype``. ``mean``
+    and ``std`` default to :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`.
+
+    Returns
+    -------
+    images : Tensor (n, 3, size, size), ``dtype``
+    labels : Tensor (n,), the photograph of each crop
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    mean = torch.tensor(mean or IMAGENET_MEAN, dtype=dtype)[:, None, None]
+    std = torch.tensor(std or IMAGENET_STD, dtype=dtype)[:, None, None]
+    generator = torch.Generator().manual_seed(int(seed))
+    floats = [p.to(dtype) / 255 for p in photos]
+    out = torch.empty(n, 3, size, size, dtype=dtype)
+    labels = torch.arange(n) % len(photos)
+    for i in range(n):
+        image = floats[int(labels[i])]
+        h, w = image.shape[1:]
+        u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
+        ch = max(1, min(h, round(math.sqrt(area / ratio))))
+        cw = max(1, min(w, round(math.sqrt(area * ratio))))
+        top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+        crop = TF.resized_crop(image, top, left, ch, cw, [size, size],
+                               interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if u[4] < 0.5:
+            crop = crop.flip(-1)
+        out[i] = (crop.clamp(0, 1) - mean) / std
+    return out, labels
 
 
 # ----------------------------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""Two small CNNs (VGG-style and residual), their training loop, and the shipped
-Fashion-MNIST weights.
+"""Small CNNs (VGG-style, residual, and VGG16's layout with few channels), their training,
+and the shipped Fashion-MNIST weights.
 
 The network is deliberately tiny -- four 3x3 convolutions and two dense layers
 -- so that fitting patterns and computing explanations take seconds on a
 laptop CPU. It is built only from the layer types every method of the toolkit
 understands: ``Conv2d``, ``Linear``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``,
 ``Flatten`` and ``Dropout``.
+
+:class:`MiniVGG16` has VGG16's sixteen layers and layer names with a fraction of its
+channels; :func:`stand_in_model` gives it random features and a read-out fitted in closed
+form, the stand-in for the pretrained VGG16 that notebook 04 runs on when the weights or
+ImageNet are missing.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -18,15 +24,18 @@ import torch
 from torch import nn
 
 from .data import data_dir
+from .imagenet import PHOTOGRAPHS
 
 __all__ = [
     "SmallVGG",
     "SmallResNet",
+    "MiniVGG16",
     "train",
+    "stand_in_model",
     "accuracy",
     "predict",
     "save_model",
-    "load_model",
+    "load_saved_model",
     "load_fashion_cnn",
     "load_fashion_resnet",
     "FASHION_CNN_FILE",
@@ -168,7 +177,42 @@ class SmallResNet(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
 
-#: The architectures :func:`load_model` rebuilds, by the name :func:`save_model` stores.
+_VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class MiniVGG16(nn.Module):
+    """VGG16's sixteen layers with ``1/divisor`` of its channels, for small images.
+
+    ``features`` is torchvision's VGG16 feature stack (13 convolutions 3x3, padding 1,
+    ReLU, 5 max-poolings) with ``64/divisor ... 512/divisor`` channels, so its layers have
+    VGG16's names (``features.0`` ... ``features.28``); then global average pooling and
+    ``classifier`` = dense ``512/divisor -> hidden -> hidden -> classes`` with ReLU and
+    Dropout between (``classifier.0``, ``.3``, ``.6``, as in VGG16). The default
+    ``classes`` are the shipped photographs (:data:`toolkit.imagenet.PHOTOGRAPHS`).
+    """
+
+    def __init__(self, classes: int = len(PHOTOGRAPHS), divisor: int = 8, hidden: int = 64):
+        super().__init__()
+        from torchvision.models.vgg import make_layers
+
+        config = [c if c == "M" else c // divisor for c in _VGG16_CONFIG]
+        self.features = make_layers(config)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(512 // divisor, hidden), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the last layer (after the second dense layer's ReLU)."""
+        return self.classifier[:5](torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+#: The architectures :func:`load_saved_model` rebuilds, by the name :func:`save_model` stores.
 ARCHITECTURES = {"SmallVGG": SmallVGG, "SmallResNet": SmallResNet}
 
 
@@ -346,6 +390,60 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size: int = 1
     return (predicted == labels).float().mean().item()
 
 
+def stand_in_model(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, divisor: int = 16,
+                   hidden: int = 64, ridge: float = 1e-2, confidence: float = 10.0,
+                   calibration: int = 128) -> MiniVGG16:
+    """A :class:`MiniVGG16` with random features and a read-out fitted to ``images``.
+
+    * Every Conv2d and Linear layer but the last gets He-normal weights
+      (``N(0, 2 / fan_in)``, from a generator seeded with ``seed``).
+    * Its bias is set, layer after layer, to minus the median of its output ``w^T x``
+      over the first ``calibration`` images (all positions), so that every neuron is
+      active on about half of the data -- as in a trained network, where almost no unit
+      is always on or always off. The threshold lies halfway between the two middle
+      values: a sample exactly on it would be active or not depending on round-off.
+    * The last layer is fitted in closed form: ridge regression (float64; ``ridge``
+      times the mean eigenvalue of the Gram matrix) of the one-hot labels on the
+      penultimate activations of all ``images``, times ``confidence`` so that the
+      softmax is decisive.
+
+    No gradient descent, nothing to converge: the same weights on every machine up to
+    float round-off. Notebook 04 fits it to crops of the shipped photographs
+    (:func:`toolkit.imagenet.photo_crops`).
+
+    Returns
+    -------
+    MiniVGG16 in the dtype of ``images``, eval mode
+    """
+    classes = int(labels.max()) + 1
+    model = MiniVGG16(classes, divisor, hidden).to(images.dtype).eval()
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        x = images[:calibration]
+        for module in [*model.features, model.avgpool, nn.Flatten(), *model.classifier[:5]]:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator, dtype=torch.float64)
+                                    * math.sqrt(2 / fan_in))
+                module.bias.zero_()
+                y = module(x)
+                values = y.movedim(1, -1).reshape(-1, y.shape[1]).sort(0).values
+                middle = len(values) // 2  # halfway between two samples, never on one
+                module.bias.copy_(-(values[middle - 1] + values[middle]) / 2)
+            x = module(x)
+        h = torch.cat([model.penultimate(x) for x in images.split(256)]).double()
+        h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+        targets = nn.functional.one_hot(labels, classes).double()
+        gram = h1.T @ h1
+        penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=h.dtype)
+        penalty[-1, -1] = 0  # the bias is not penalised
+        solution = torch.linalg.solve(gram + penalty, h1.T @ targets) * confidence
+        last = model.classifier[6]
+        last.weight.copy_(solution[:-1].T)
+        last.bias.copy_(solution[-1])
+    return model
+
+
 # ---------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------
@@ -368,7 +466,7 @@ def save_model(model: SmallVGG, path, **metadata) -> None:
     save_file(state, str(path), metadata=info)
 
 
-def load_model(path) -> tuple[SmallVGG, dict]:
+def load_saved_model(path) -> tuple[SmallVGG, dict]:
     """Rebuild a :class:`SmallVGG` or :class:`SmallResNet` saved by :func:`save_model`
     (files without an ``"architecture"`` entry are SmallVGG).
 
@@ -424,7 +522,7 @@ def load_fashion_cnn(path=None) -> SmallVGG:
             "environment variable TOOLKIT_DATA at a folder holding "
             f"{FASHION_CNN_FILE}."
         )
-    model, metadata = load_model(path)
+    model, metadata = load_saved_model(path)
     model.metadata = metadata
     return model
 
@@ -454,6 +552,6 @@ def load_fashion_resnet(path=None) -> SmallResNet:
             "'python scripts/train_fashion_resnet.py', or point the environment variable "
             f"TOOLKIT_DATA at a folder holding {FASHION_RESNET_FILE}."
         )
-    model, metadata = load_model(path)
+    model, metadata = load_saved_model(path)
     model.metadata = metadata
     return model

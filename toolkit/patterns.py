@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.layers import Layer, Plan
+from toolkit.precision import tf32
 from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
 
 __all__ = [
@@ -366,18 +367,10 @@ def _product_dtype(requested, x: Tensor) -> torch.dtype:
     return torch.float32 if requested == "tf32" else requested
 
 
-@contextmanager
 def _tf32(enabled: bool):
-    """TF32 matrix products and convolutions on CUDA for the block."""
-    if not enabled:
-        yield
-        return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    """TF32 for the products of a fit with ``compute_dtype="tf32"``; any other fit leaves
+    the caller's settings as they are (e.g. a ``with tf32(...)`` around the fit)."""
+    return tf32(True) if enabled else nullcontext()
 
 
 def check_product_dtype(dtype, device: torch.device):

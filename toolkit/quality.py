@@ -60,6 +60,7 @@ __all__ = [
     "rho_active_from_moments",
     "ActiveLayerMoments",
     "REGIMES",
+    "active_regime_neurons",
     "collect_moments",
     "unexplained_linear",
     "unexplained_two_sided",
@@ -1041,3 +1042,36 @@ def _active_accumulator(neurons, seed: int):
 
 def _masked_mean(values: Tensor, mask: Tensor) -> float:
     return float(values[mask].mean()) if mask.any() else math.nan
+
+
+# ----------------------------------------------------------------------------------
+# sizing the active regime
+# ----------------------------------------------------------------------------------
+def active_regime_neurons(model: nn.Module, inputs: Tensor, layers: Sequence[str], cap: int) -> dict[str, int]:
+    """How many neurons of each layer ``layer_quality(..., regime="active")`` can measure.
+
+    At most ``cap`` per layer and at most what fits into :data:`ACTIVE_MOMENT_ELEMENTS`
+    float64 numbers (``K D^2``); layers where not even one neuron fits (VGG16's first
+    dense layer, ``D = 25088``) are left out of the result. Pass it as ``neurons=`` with
+    ``layers=list(result)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor
+        A batch the model takes (only its first sample is traced).
+    layers : sequence of str
+        Names of Conv2d/Linear layers.
+    cap : int
+        The most neurons measured in any layer.
+    """
+    from toolkit.layers import trace  # imported here: several functions above name a local "trace"
+
+    counts = {}
+    for layer in trace(model, inputs[:1]):
+        if layer.name in layers:
+            dim = layer.weight()[0].numel()
+            fit = ACTIVE_MOMENT_ELEMENTS // (dim * dim)
+            if fit >= 1:
+                counts[layer.name] = min(cap, fit, layer.out_features)
+    return counts

@@ -318,9 +318,9 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = "DEF
             raise FileNotFoundError(f"no model file at {path}")
         if weights is None:
             raise ValueError(f"{path} brings its own weights; weights=None (random) is for torchvision models")
-        from toolkit.models import load_model as load_saved
+        from toolkit.models import load_saved_model
 
-        model, _ = load_saved(path)
+        model, _ = load_saved_model(path)
     elif ":" in spec:
         factory = _factory(spec)
         try:
