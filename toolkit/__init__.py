@@ -29,7 +29,8 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "estimators", "layers", "residual", "patterns", "methods", "quality", "perturbation",
+    "linear", "estimators", "layers", "streaming", "residual", "patterns", "precision", "methods",
+    "quality", "perturbation", "experiment",
     "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
 )
 
