@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
 import pytest
 import torch
 from torch import nn
 
-matplotlib.use("Agg")
-
-from toolkit.perturbation import PerturbationResult, region_perturbation, region_relevance  # noqa: E402
+from toolkit.perturbation import PerturbationResult, region_perturbation, region_relevance
 
 C, H, W, PATCH = 3, 20, 22, 4  # 5 x 5 regions; the last 2 columns belong to none
 
