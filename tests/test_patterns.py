@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from _distributed import quality_tensors, run_workers
 from _nets import (batches, conv_net, fold_batchnorm, images, layer_inputs_outputs, patch_rows,
                    position_rows)
 from toolkit.layers import UnsupportedLayerError, trace
@@ -217,10 +218,6 @@ def test_linear_layer_on_sequences_counts_every_position():
 # 3. several processes, and an interrupted fit resumed from its checkpoint
 # ----------------------------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    from _distributed import quality_tensors, run_workers
-
     run_workers("conv_net", 2, tmp_path)
 
     model = conv_net()

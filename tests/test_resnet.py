@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from _distributed import run_workers
 from _nets import (CONVS, explicit_forward, folded, patch_rows, position_rows, residual_batches,
                    residual_images, tiny_residual)
 from toolkit.layers import trace
@@ -272,10 +273,6 @@ def test_lrpz_loses_exactly_the_bias_contributions():
 # one process or two
 # ----------------------------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    from _distributed import run_workers
-
     run_workers("tiny_residual", 2, tmp_path)
     net = tiny_residual()
     for mask in MASKS:
