@@ -19,8 +19,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import (DTYPES, device_name, fit_costs, forward, median_seconds, parser, prepare,  # noqa: E402
                     random_batches, torchvision_model)
