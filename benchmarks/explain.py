@@ -13,19 +13,18 @@ Models are torchvision architectures with random weights (nothing is downloaded)
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import DTYPES, median_seconds  # noqa: E402
-from toolkit.layers import trace
-from toolkit.compare import TITLES, make_explainers
-from toolkit.methods import REGISTRY
-from toolkit.patterns import LayerPatterns, Patterns, fingerprint
+from timing import (DTYPES, device_name, forward, median_seconds, parser, prepare,  # noqa: E402
+                    random_batches, torchvision_model)
+from toolkit.layers import trace  # noqa: E402
+from toolkit.compare import TITLES, make_explainers  # noqa: E402
+from toolkit.methods import REGISTRY  # noqa: E402
+from toolkit.patterns import LayerPatterns, Patterns, fingerprint  # noqa: E402
 
 #: The explanation methods timed: every registered method but the variants (the
 #: linear-pattern ones time the same as their two-component method).
@@ -44,41 +43,26 @@ def weight_patterns(model: torch.nn.Module, example: torch.Tensor) -> Patterns:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vgg11", choices=MODELS)
-    parser.add_argument("--size", type=int, default=64, help="image height and width")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model = getattr(torchvision.models, args.model)(weights=None, num_classes=args.num_classes)
-    model = model.to(device, dtype).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
+    p = parser(__doc__, model="vgg11", models=MODELS, size=64, batch=16, repeats=5, dtypes=tuple(sorted(DTYPES)))
+    p.add_argument("--num-classes", type=int, default=1000)
+    args = p.parse_args(argv)
+    device, dtype = prepare(args), DTYPES[args.dtype]
+    model = torchvision_model(args.model, device, dtype, num_classes=args.num_classes)
+    x = next(random_batches(args.batch, args.batch, args.size, device, dtype))
     patterns = weight_patterns(model, x)
     methods = {TITLES[name]: explainer
                for name, explainer in make_explainers(model, patterns, BENCHMARKED).items()}
-
-    def forward():
-        with torch.no_grad():
-            return model(x)
 
     def autograd_gradient():  # the plain input gradient, no rules: the cost of autograd alone
         inputs = x.detach().requires_grad_(True)
         logits = model(inputs)
         return torch.autograd.grad(logits.max(1).values.sum(), inputs)
 
-    functions = {"forward (no_grad)": forward, "autograd gradient": autograd_gradient}
+    functions = {"forward (no_grad)": lambda: forward(model, [x]), "autograd gradient": autograd_gradient}
     functions.update({label: (lambda m=method: m.attribute(x)) for label, method in methods.items()})
     times = median_seconds(functions, args.repeats, device)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {name}, "
+    print(f"{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {device_name(device)}, "
           f"median of {args.repeats}")
     base = times["forward (no_grad)"]
     print(f"{'method':<20}{'s/batch':>10}{'images/s':>12}{'x forward':>11}")

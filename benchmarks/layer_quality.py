@@ -19,19 +19,15 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import math
-import platform
-import time
-import warnings
-
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import synchronize  # noqa: E402
+from timing import Stopwatch, device_name, parser, prepare, torchvision_model  # noqa: E402
 
 
 def random_images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -42,32 +38,22 @@ def random_images(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vgg11", help="a torchvision.models constructor, e.g. vgg16")
-    parser.add_argument("--size", type=int, default=32, help="image height and width")
-    parser.add_argument("--images", type=int, default=64, help="images to measure on (and to fit on)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-dim", type=int, default=None,
-                        help="skip layers with more inputs D than this (the moment is 8 D^2 bytes)")
-    parser.add_argument("--layers", nargs="*", default=None, help="only these layers")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--end-to-end", action="store_true",
-                        help="also time one plain layer_quality(...) call over the same layers")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import torchvision
+    p = parser(__doc__, model="vgg11", size=32, batch=32, dtypes=())
+    p.add_argument("--images", type=int, default=64, help="images to measure on (and to fit on)")
+    p.add_argument("--max-dim", type=int, default=None,
+                   help="skip layers with more inputs D than this (the moment is 8 D^2 bytes)")
+    p.add_argument("--layers", nargs="*", default=None, help="only these layers")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also time one plain layer_quality(...) call over the same layers")
+    args = p.parse_args()
+    device = prepare(args)
 
     from toolkit.layers import trace
     from toolkit.patterns import fit_patterns
     from toolkit.quality import (MEASURABLE, collect_moments, estimator_directions, layer_quality,
                                  rho_from_moments)
 
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
+    model = torchvision_model(args.model, device)
     fit_x = random_images(args.images, args.size, seed=1)
     test_x = random_images(args.images, args.size, seed=2)
     plan = trace(model, fit_x[:1].to(device))
@@ -75,34 +61,25 @@ def main() -> None:
               if (args.layers is None or layer.name in args.layers)
               and (args.max_dim is None or layer.weight()[0].numel() <= args.max_dim)]
     skipped = [layer.name for layer in plan if layer not in layers]
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"{args.model} at {args.size}x{args.size}, {args.images} images, batch {args.batch}, "
-          f"device {device} ({hardware}), torch {torch.__version__}")
+          f"device {device} ({device_name(device)}), torch {torch.__version__}")
     if skipped:
         print(f"skipped layers (D > --max-dim or not in --layers): {skipped}")
 
-    synchronize(device)
-    start = time.perf_counter()
-    patterns = fit_patterns(model, torch.split(fit_x, args.batch), device=device, progress=False)
-    synchronize(device)
-    fit_s = time.perf_counter() - start
+    with Stopwatch(device) as fit_time:
+        patterns = fit_patterns(model, torch.split(fit_x, args.batch), device=device, progress=False)
     # keep only what the measurement needs: the statistics behind the patterns, and the
     # patterns of skipped layers, can be gigabytes (VGG's first dense layer)
     patterns.statistics.clear()
     for name in skipped:
         del patterns.layers[name]
 
-    start = time.perf_counter()
-    with warnings.catch_warnings():
+    with Stopwatch(device) as moments_time, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _, moments = collect_moments(model, torch.split(test_x, args.batch),
                                      layers=[layer.name for layer in layers], device=device,
                                      progress=False)
-    synchronize(device)
-    moments_s = time.perf_counter() - start
+    moments_s = moments_time.seconds
 
     head = f"{'layer':<14}{'D':>7}{'J':>6}{'n':>10}{'seconds':>9}"
     head += "".join(f"{e:>15}" for e in MEASURABLE)
@@ -113,28 +90,23 @@ def main() -> None:
         weight = layer.weight().to(torch.float64)
         directions = {e: estimator_directions(e, weight, patterns[layer.name], seed=0)
                       for e in MEASURABLE}
-        synchronize(device)
-        start = time.perf_counter()
-        rho, defined = rho_from_moments(moments[layer.name], weight, directions)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        closed_s += seconds
+        with Stopwatch(device) as closed_time:
+            rho, defined = rho_from_moments(moments[layer.name], weight, directions)
+        closed_s += closed_time.seconds
         m = moments[layer.name]
         means = "".join(f"{float(rho[e][defined[e]].mean()) if defined[e].any() else math.nan:>15.4f}"
                         for e in MEASURABLE)
-        print(f"{layer.name:<14}{m.dim:>7}{layer.out_features:>6}{int(m.n):>10,}{seconds:>9.2f}{means}")
+        print(f"{layer.name:<14}{m.dim:>7}{layer.out_features:>6}{int(m.n):>10,}"
+              f"{closed_time.seconds:>9.2f}{means}")
     total = moments_s + closed_s
-    print(f"\nfit_patterns {fit_s:.2f} s; layer_quality {total:.2f} s = moments {moments_s:.2f} s "
+    print(f"\nfit_patterns {fit_time.seconds:.2f} s; layer_quality {total:.2f} s = moments {moments_s:.2f} s "
           f"({args.images / moments_s:.1f} img/s) + closed form {closed_s:.2f} s")
     if args.end_to_end:
-        synchronize(device)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
+        with Stopwatch(device) as end_to_end, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             layer_quality(model, patterns, torch.split(test_x, args.batch),
                           layers=[layer.name for layer in layers], device=device, progress=False)
-        synchronize(device)
-        print(f"one layer_quality(...) call: {time.perf_counter() - start:.2f} s")
+        print(f"one layer_quality(...) call: {end_to_end.seconds:.2f} s")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
 

@@ -13,15 +13,19 @@ bfloat16 (torch's CPU kernels; on CUDA ``fit_patterns(compute_dtype=torch.bfloat
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from toolkit.layers import Layer
-from toolkit.patterns import KINDS, Patterns, Statistics
-from toolkit.streaming import stream
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import worst_error  # noqa: E402
+from toolkit.layers import Conv2dOps  # noqa: E402
+from toolkit.patterns import KINDS, Patterns, Statistics  # noqa: E402
+from toolkit.streaming import stream  # noqa: E402
 
 
 def network(depth: int = 8) -> nn.Sequential:
@@ -44,32 +48,23 @@ def to_tf32(t: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def emulated_tf32():
-    original = Layer.patch_sums
+    original = Conv2dOps.patch_sums
 
-    def patch_sums(self, x, g, out=None):
+    def patch_sums(self, x, g):
         if x.dtype == torch.float32:
             x, g = to_tf32(x), to_tf32(g)
-        return original(self, x, g, out)
+        return original(self, x, g)
 
-    Layer.patch_sums = patch_sums
+    Conv2dOps.patch_sums = patch_sums
     try:
         yield
     finally:
-        Layer.patch_sums = original
+        Conv2dOps.patch_sums = original
 
 
 def fit(model, data, dtype) -> Patterns:
     result = stream(model, data, lambda layer: Statistics(layer, KINDS, dtype), desc="", progress=False)
     return Patterns.from_statistics(result.plan, result.accumulators, result.model_fingerprint)
-
-
-def worst_error(patterns: Patterns, reference: Patterns) -> float:
-    worst = 0.0
-    for name in reference.names:
-        for kind in KINDS:
-            a, b = getattr(patterns[name], kind), getattr(reference[name], kind)
-            worst = max(worst, float((a - b).norm() / b.norm()))
-    return worst
 
 
 def main() -> None:

@@ -5,31 +5,27 @@ final solve included, by self CPU time (``torch.profiler``).
 """
 from __future__ import annotations
 
-import argparse
-import warnings
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import compute_dtype, parser, prepare, random_batches, torchvision_model  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vgg11")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=12, help="operators to list")
-    parser.add_argument("--compute-dtype", choices=("model", "float32", "float64"), default="model")
-    args = parser.parse_args(argv)
-    import torchvision
+    p = parser(__doc__, model="vgg11", size=64, batch=16, dtypes=(), device="cpu")
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--rows", type=int, default=12, help="operators to list")
+    p.add_argument("--compute-dtype", choices=("model", "float32", "float64"), default="model")
+    args = p.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
     from toolkit.patterns import fit_patterns
 
-    warnings.filterwarnings("ignore", message="output neurons")
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval()
-    data = [torch.randn(args.batch, 3, args.size, args.size) for _ in range(args.batches)]
-    dtype = None if args.compute_dtype == "model" else getattr(torch, args.compute_dtype)
+    device = prepare(args)
+    model = torchvision_model(args.model, device)
+    data = list(random_batches(args.batches * args.batch, args.batch, args.size, device))
+    dtype = compute_dtype(args.compute_dtype)
     fit_patterns(model, data[:1], progress=False, compute_dtype=dtype)  # warm up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fit_patterns(model, data, progress=False, compute_dtype=dtype)

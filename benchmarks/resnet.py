@@ -16,17 +16,12 @@ weights (nothing is downloaded):
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from pathlib import Path
 
-import torch
-import torchvision
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fit_patterns as fit_benchmark  # noqa: E402
-from timing import DTYPES, device_name, median_seconds  # noqa: E402
+from timing import (DTYPES, device_name, fit_costs, forward, median_seconds, parser, prepare,  # noqa: E402
+                    random_batches, torchvision_model)
 from toolkit.methods import PatternAttribution, PatternNet  # noqa: E402
 from toolkit.patterns import fit_patterns  # noqa: E402
 from toolkit.residual import DEFAULT_MASK, MASKS  # noqa: E402
@@ -35,39 +30,23 @@ MODELS = ("resnet18", "resnet34", "resnet50")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", choices=MODELS)
-    parser.add_argument("--size", type=int, default=112, help="image height and width")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--short", type=int, default=1)
-    parser.add_argument("--long", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--mask", default=DEFAULT_MASK, choices=MASKS)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message="output neurons")
-
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model = getattr(torchvision.models, args.model)(weights=None).to(device, dtype).eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device, dtype)
-               for _ in range(args.long)]
-    options = argparse.Namespace(short=args.short, long=args.long, repeats=args.repeats,
-                                 batch=args.batch, compute_dtype="model")
-    fits = fit_benchmark.measure(model, batches, options, device)
+    p = parser(__doc__, model="resnet18", models=MODELS, size=112, batch=4, repeats=3)
+    p.add_argument("--short", type=int, default=1)
+    p.add_argument("--long", type=int, default=3)
+    p.add_argument("--mask", default=DEFAULT_MASK, choices=MASKS)
+    args = p.parse_args(argv)
+    device = prepare(args)
+    dtype = DTYPES[args.dtype]
+    model = torchvision_model(args.model, device, dtype)
+    batches = list(random_batches(args.long * args.batch, args.batch, args.size, device, dtype))
+    fits = fit_costs(model, batches, device, args.short, args.repeats)
 
     patterns = fit_patterns(model, batches, progress=False, mask=args.mask)
     x = batches[0]
     explainers = {"PatternAttribution": PatternAttribution(model, patterns, never_active="linear"),
                   "PatternNet": PatternNet(model, patterns, never_active="linear")}
-
-    def forward():
-        with torch.no_grad():
-            return model(x)
-
-    steps = {"forward": forward, **{name: (lambda e=e: e.attribute(x)) for name, e in explainers.items()}}
+    steps = {"forward": lambda: forward(model, [x]),
+             **{name: (lambda e=e: e.attribute(x)) for name, e in explainers.items()}}
     times = median_seconds(steps, args.repeats, device)
     print(f"{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, mask {args.mask}; "
           f"{device_name(device)}; medians of {args.repeats} interleaved repeats")

@@ -30,15 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import DTYPES, device_name, median_seconds, synchronize, verdict  # noqa: E402
+from timing import (DTYPES, Stopwatch, device_name, median_seconds, parser, prepare,  # noqa: E402
+                    random_batches, torchvision_model, verdict)
 from toolkit.methods import REGISTRY  # noqa: E402
+
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "alexnet")
 #: (what, largest allowed ratio to the forward pass); benchmarks/fit_patterns.py measures
 #: the fit's marginal cost per image end to end
@@ -58,43 +59,27 @@ BENCHMARKED = tuple(name for name, m in REGISTRY.items() if not m.options)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vgg16", choices=MODELS)
-    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--batches", type=int, default=5,
-                        help="timed batches per measurement, after one warm-up batch (default 5)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="dtype of the model and its inputs (default float32)")
-    parser.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32",
-                        help="dtype of the fitting pass's per-batch products; the sums are "
-                             "always float64 (default float32)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="model and inputs in torch.channels_last memory format")
-    parser.add_argument("--tf32", action="store_true",
-                        help="allow TF32 in cuBLAS and cuDNN (torch.backends.cuda.matmul.allow_tf32, "
-                             "torch.backends.cudnn.allow_tf32); without it both are switched off")
-    parser.add_argument("--quality-images", type=int, default=TARGET_QUALITY_IMAGES,
-                        help=f"random images for the layer-quality run; 0 skips it "
-                             f"(default {TARGET_QUALITY_IMAGES})")
-    parser.add_argument("--quality-batch", type=int, default=None,
-                        help="batch size of the layer-quality run (default --batch)")
-    parser.add_argument("--quality-max-dim", type=int, default=None,
-                        help="leave out layers with more inputs D than this from the quality run "
-                             f"(default: none on a GPU, {CPU_QUALITY_MAX_DIM} on a CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", metavar="FILE", help="also write the measured rates to FILE")
-    return parser.parse_args(argv)
-
-
-def random_batches(n: int, batch: int, size: int, device, dtype, channels_last: bool, seed: int):
-    """``n`` random images in batches, drawn on ``device`` (nothing is held in memory)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, n, batch):
-        x = torch.randn(min(batch, n - start), 3, size, size, generator=generator, device=device, dtype=dtype)
-        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    p = parser(__doc__, model="vgg16", models=MODELS, size=224, batch=64)
+    p.add_argument("--batches", type=int, default=5,
+                   help="timed batches per measurement, after one warm-up batch (default 5)")
+    p.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the fitting pass's per-batch products; the sums are "
+                        "always float64 (default float32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and inputs in torch.channels_last memory format")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in cuBLAS and cuDNN (torch.backends.cuda.matmul.allow_tf32, "
+                        "torch.backends.cudnn.allow_tf32); without it both are switched off")
+    p.add_argument("--quality-images", type=int, default=TARGET_QUALITY_IMAGES,
+                   help=f"random images for the layer-quality run; 0 skips it "
+                        f"(default {TARGET_QUALITY_IMAGES})")
+    p.add_argument("--quality-batch", type=int, default=None,
+                   help="batch size of the layer-quality run (default --batch)")
+    p.add_argument("--quality-max-dim", type=int, default=None,
+                   help="leave out layers with more inputs D than this from the quality run "
+                        f"(default: none on a GPU, {CPU_QUALITY_MAX_DIM} on a CPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the measured rates to FILE")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -106,22 +91,16 @@ def main(argv=None) -> dict:
     from toolkit.patterns import KINDS, Patterns, Statistics, fingerprint
     from toolkit.quality import collect_moments, estimator_directions, rho_from_moments, MEASURABLE
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+    device = prepare(args)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = True
     dtype, compute_dtype = DTYPES[args.dtype], DTYPES[args.compute_dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None)
-    model = model.to(device, dtype, memory_format=memory_format).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
-    x = x.contiguous(memory_format=memory_format)
+    model = torchvision_model(args.model, device, dtype, memory_format=memory_format)
+    x = next(random_batches(args.batch, args.batch, args.size, device, dtype,
+                            channels_last=args.channels_last))
     plan = trace(model, x[:1])
 
     params = sum(p.numel() for p in model.parameters())
@@ -150,10 +129,8 @@ def main(argv=None) -> dict:
     fitting()
     for s in stats.values():
         s.flush()
-    synchronize(device)
-    started = time.perf_counter()
-    patterns = Patterns.from_statistics(plan, stats, fingerprint(model))
-    estimate_s = time.perf_counter() - started
+    with Stopwatch(device) as estimate:
+        patterns = Patterns.from_statistics(plan, stats, fingerprint(model))
     methods = {TITLES[name]: explainer
                for name, explainer in make_explainers(model, patterns, BENCHMARKED).items()}
     functions = {"forward": forward, "fitting": fitting}
@@ -170,7 +147,7 @@ def main(argv=None) -> dict:
         target = "" if name == "forward" else (TARGET_FITTING if name == "fitting" else TARGET_METHOD)
         mark = "" if target == "" else f"<= {target:g}  {verdict(ratio, target)}"
         print(f"{name:<20}{t:>10.4f}{args.batch / t:>11.1f}{ratio:>11.2f}   {mark}")
-    print(f"(patterns from the statistics of one batch, estimate_patterns on the CPU: {estimate_s:.1f} s; "
+    print(f"(patterns from the statistics of one batch, estimate_patterns on the CPU: {estimate.seconds:.1f} s; "
           f"this is paid once per fit, not per image)")
 
     # -- layer quality --------------------------------------------------------------
@@ -211,29 +188,26 @@ def quality_run(args, model, patterns, plan, device, dtype, collect_moments, est
     # warm-up: one small batch through the whole computation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        warm = random_batches(min(batch, args.quality_images), batch, args.size, device, dtype,
-                             args.channels_last, seed=99)
+        warm = random_batches(min(batch, args.quality_images), batch, args.size, device, dtype, seed=99,
+                              channels_last=args.channels_last)
         _, moments = collect_moments(model, warm, layers=names, device=device, progress=False)
         for layer in layers[:1]:
             w = layer.weight().to(torch.float64)
             rho_from_moments(moments[layer.name], w, {e: estimator_directions(e, w, patterns[layer.name])
                                                       for e in estimators})
         del moments
-        synchronize(device)
-        started = time.perf_counter()
-        data = random_batches(args.quality_images, batch, args.size, device, dtype, args.channels_last, seed=1)
-        _, moments = collect_moments(model, data, layers=names, device=device, progress=False)
-        synchronize(device)
-        moments_s = time.perf_counter() - started
+        with Stopwatch(device) as moments_time:
+            data = random_batches(args.quality_images, batch, args.size, device, dtype, seed=1,
+                                  channels_last=args.channels_last)
+            _, moments = collect_moments(model, data, layers=names, device=device, progress=False)
+        moments_s = moments_time.seconds
         closed = {}
         for layer in layers:
             w = layer.weight().to(torch.float64)
             directions = {e: estimator_directions(e, w, patterns[layer.name]) for e in estimators}
-            synchronize(device)
-            started = time.perf_counter()
-            rho_from_moments(moments[layer.name], w, directions)
-            synchronize(device)
-            closed[layer.name] = time.perf_counter() - started
+            with Stopwatch(device) as closed_time:
+                rho_from_moments(moments[layer.name], w, directions)
+            closed[layer.name] = closed_time.seconds
     closed_s = sum(closed.values())
     total = moments_s + closed_s
     slowest = sorted(closed.items(), key=lambda kv: -kv[1])[:3]

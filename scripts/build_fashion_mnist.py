@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _fashion import add_source_option, source_and_root
 from toolkit.data import SUBSET_FILE, data_dir, read_fashion_mnist
 
 NUM_CLASSES = 10
@@ -79,22 +80,14 @@ def build(source: str, root, out: Path, train_per_class: int, test_per_class: in
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--source",
-        nargs="+",
-        default=["debian"],
-        metavar=("SOURCE", "ROOT"),
-        help="'debian [FOLDER]' (default folder /usr/share/datasets/fashion-mnist) "
-        "or 'torchvision ROOT' (downloads into ROOT)",
-    )
+    add_source_option(parser, "'debian [FOLDER]' (default folder /usr/share/datasets/fashion-mnist) "
+                              "or 'torchvision ROOT' (downloads into ROOT)")
     parser.add_argument("--out", type=Path, default=data_dir() / SUBSET_FILE)
     parser.add_argument("--train-per-class", type=int, default=600)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if len(args.source) > 2:
-        parser.error("--source takes a source name and at most one folder")
-    source, root = args.source[0], (args.source[1] if len(args.source) == 2 else None)
+    source, root = source_and_root(parser, args)
 
     arrays = build(source, root, args.out, args.train_per_class, args.test_per_class, args.seed)
     for name, a in arrays.items():

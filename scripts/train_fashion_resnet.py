@@ -17,25 +17,15 @@ what the shipped data allows without a download.
 """
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
-
 import torch
 
+from _fashion import train_and_save, training_parser
 from toolkit.data import data_dir, load_fashion_mnist
-from toolkit.models import FASHION_RESNET_FILE, SmallResNet, accuracy, save_model, train
+from toolkit.models import FASHION_RESNET_FILE, SmallResNet
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=data_dir() / FASHION_RESNET_FILE)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser = training_parser(__doc__, data_dir() / FASHION_RESNET_FILE, epochs=15, batch_size=64, threads=2)
     parser.add_argument("--progress", action="store_true", help="a progress bar per epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,33 +33,8 @@ def main(argv=None):
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     print(f"train {tuple(train_x.shape)}, test {tuple(test_x.shape)}")
-
-    torch.manual_seed(args.seed)  # the initial weights
-    model = SmallResNet(width=args.width)
-    start = time.perf_counter()
-    model, history = train(model, (train_x, train_y), epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, seed=args.seed, progress=args.progress)
-    seconds = time.perf_counter() - start
-    test_accuracy = accuracy(model, test_x, test_y)
-    print(f"training took {seconds:.0f} s; per-epoch loss {[round(l, 4) for l in history['loss']]}")
-    print(f"test accuracy on all {len(test_y)} subset test images: {test_accuracy:.4f}")
-
-    save_model(
-        model,
-        args.out,
-        test_accuracy=f"{test_accuracy:.4f}",
-        test_images=len(test_y),
-        epochs=args.epochs,
-        seed=args.seed,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        train_images=len(train_y),
-        training_seconds=f"{seconds:.0f}",
-        threads=torch.get_num_threads(),
-        torch_version=torch.__version__,
-        normalisation="bytes / 255, in [0, 1]",
-    )
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
+    train_and_save(lambda: SmallResNet(width=args.width), (train_x, train_y), (test_x, test_y), args,
+                   "subset test images", progress=args.progress, test_images=len(test_y))
 
 
 if __name__ == "__main__":

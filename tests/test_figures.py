@@ -5,14 +5,12 @@ import matplotlib
 import pytest
 import torch
 
-matplotlib.use("Agg")
-
-from toolkit.perturbation import PerturbationResult  # noqa: E402
-from toolkit.plotting.evaluation import (ESTIMATOR_CURVES, OFFSET, plot_layer_quality,  # noqa: E402
+from toolkit.perturbation import PerturbationResult
+from toolkit.plotting.evaluation import (ESTIMATOR_CURVES, OFFSET, plot_layer_quality,
                                          plot_layer_quality_regimes, plot_perturbation)
-from toolkit.plotting.images import prediction_labels  # noqa: E402
-from toolkit.plotting.style import COURSE_STYLE, use_course_style  # noqa: E402
-from toolkit.quality import QualityResult  # noqa: E402
+from toolkit.plotting.images import prediction_labels
+from toolkit.plotting.style import COURSE_STYLE, use_course_style
+from toolkit.quality import QualityResult
 
 ESTIMATORS = ("random", "filter", "linear", "two_component")
 

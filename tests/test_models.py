@@ -18,15 +18,6 @@ from toolkit.models import (
 ALLOWED = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks train fastest on one thread (no synchronisation per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("size, channels, classes", [(28, 1, 10), (32, 1, 2), (32, 3, 5)])
 def test_forward_shapes(size, channels, classes):
     torch.manual_seed(0)

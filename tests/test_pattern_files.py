@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _distributed_fit import batches, conv_net
+from _nets import batches, conv_net
 from toolkit.patterns import PatternFileError, PatternMismatchError, Patterns, fit_patterns
 
 

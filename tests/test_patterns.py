@@ -18,22 +18,21 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from _distributed_fit import batches, conv_net, images
+from _distributed import quality_tensors, run_workers
+from _nets import (batches, conv_net, fold_batchnorm, images, layer_inputs_outputs, patch_rows,
+                   position_rows)
 from toolkit.layers import UnsupportedLayerError, trace
 from toolkit.linear import LinearEstimator, TwoComponentEstimator, fit_filter, make_data
 from toolkit.patterns import (CheckpointMismatchError, PatternMismatchError, Patterns, Statistics,
                               estimate_patterns, fingerprint, fit_patterns)
 
 KINDS = ("linear", "positive", "negative")
-HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------
@@ -41,13 +40,9 @@ HERE = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def one_thread_for_small_models(request):
-    """The small models run many tiny operations: on a busy 2-core machine a second
-    OpenMP thread only makes them wait. The torchvision models keep every thread."""
-    threads = torch.get_num_threads()
+    """One thread for the small models; the torchvision models keep every thread."""
     if request.node.originalname != "test_torchvision_model_fits":
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+        request.getfixturevalue("one_thread")
 
 
 def fit(model, data, **kwargs) -> Patterns:
@@ -116,49 +111,23 @@ def test_linear_neuron_matches_numpy_closed_form(case):
 # 2. a small CNN against a brute-force reference
 # ----------------------------------------------------------------------------------
 def folded(model: nn.Sequential) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Weight and bias of each neuron layer with the BatchNorm folded in, by hand."""
-    bn = model.bn1
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    w1 = model.conv1.weight * scale[:, None, None, None]
-    b1 = (model.conv1.bias - bn.running_mean) * scale + bn.bias
+    """Weight and bias of each neuron layer of conv_net with the BatchNorm folded in, by hand."""
     w2 = model.conv2.weight
-    return {"conv1": (w1, b1), "conv2": (w2, torch.zeros(w2.shape[0], dtype=w2.dtype)),
+    return {"conv1": fold_batchnorm(model.conv1, model.bn1),
+            "conv2": (w2, torch.zeros(w2.shape[0], dtype=w2.dtype)),
             "fc": (model.fc.weight, model.fc.bias)}
-
-
-def layer_inputs_outputs(model: nn.Sequential, x: torch.Tensor) -> dict[str, tuple]:
-    """Each neuron layer's input and output (after the BatchNorm, bias included), from
-    forward hooks on the model itself. Outputs are cloned: an inplace ReLU follows bn1."""
-    seen: dict[str, list] = {}
-    hooks = []
-
-    def keep(name: str, index: int):
-        def hook(module, args, output):
-            seen.setdefault(name, [None, None])[index] = (args[0] if index == 0 else output).clone()
-        return hook
-
-    for name, out_name in (("conv1", "bn1"), ("conv2", "conv2"), ("fc", "fc")):
-        hooks.append(getattr(model, name).register_forward_hook(keep(name, 0)))
-        hooks.append(getattr(model, out_name).register_forward_hook(keep(name, 1)))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
 
 
 def brute_force_patterns(model: nn.Sequential, x: torch.Tensor, mean_y: str) -> dict[str, dict]:
     """The patterns of docs/math.md, sections 2-3, one neuron at a time, from explicit patches."""
     result = {}
     weights = folded(model)
-    for name, (inp, z) in layer_inputs_outputs(model, x).items():
+    # each layer's output after the BatchNorm, bias included
+    for name, (inp, z) in layer_inputs_outputs(model, x, outputs={"conv1": "bn1"}).items():
         module = getattr(model, name)
         weight, bias = (t.detach() for t in weights[name])
         if isinstance(module, nn.Conv2d):
-            patches = F.unfold(inp, module.kernel_size, dilation=module.dilation,
-                               padding=module.padding, stride=module.stride)   # (N, D, L)
-            patches = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])   # (N L, D)
-            outputs = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])           # (N L, J)
+            patches, outputs = patch_rows(module, inp), position_rows(z)      # (N L, D), (N L, J)
         else:
             patches, outputs = inp, z
         # the folded layer applied to the explicit patches is the model's output
@@ -249,11 +218,7 @@ def test_linear_layer_on_sequences_counts_every_position():
 # 3. several processes, and an interrupted fit resumed from its checkpoint
 # ----------------------------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    from _distributed_fit import run_workers
-
-    run_workers(HERE / "_distributed_fit.py", 2, tmp_path)
+    run_workers("conv_net", 2, tmp_path)
 
     model = conv_net()
     single = fit(model, batches())
@@ -266,7 +231,6 @@ def test_two_processes_equal_one(tmp_path):
             assert int(ranks[0].statistics[name].n) == int(single.statistics[name].n)
         assert_same_patterns(ranks[0], single, rtol=1e-10)
     from safetensors.torch import load_file
-    from _distributed_fit import quality_tensors
 
     single_quality = quality_tensors(model, single)
     for rank in range(2):  # layer quality: moments summed over the processes

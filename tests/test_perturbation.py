@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
 import pytest
 import torch
 from torch import nn
 
-matplotlib.use("Agg")
-
-from toolkit.perturbation import PerturbationResult, region_perturbation, region_relevance  # noqa: E402
+from _nets import random_images
+from toolkit.perturbation import PerturbationResult, region_perturbation, region_relevance
 
 C, H, W, PATCH = 3, 20, 22, 4  # 5 x 5 regions; the last 2 columns belong to none
 
@@ -71,8 +69,7 @@ def zero_mean_linear_model(seed: int = 0) -> nn.Sequential:
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, C, H, W, generator=g, dtype=torch.float64) + 0.3
+    return random_images(n, (C, H, W), seed)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 matplotlib.use("Agg")
 
+from _nets import layer_inputs_outputs, patch_rows, position_rows  # noqa: E402
 from toolkit.linear import UndefinedQualityError  # noqa: E402
 from toolkit.patterns import PatternMismatchError, fit_patterns  # noqa: E402
 from toolkit.quality import (MEASURABLE, QualityResult, collect_moments, filter_pattern,  # noqa: E402
@@ -60,27 +60,11 @@ def images(n: int, seed: int) -> torch.Tensor:
     return x + 0.5 * x.roll(1, dims=3)  # correlated neighbours
 
 
-def layer_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Input and output of every Conv2d/Linear layer, by plain forward hooks."""
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
-             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 def samples_of(module: nn.Module, x: torch.Tensor, z: torch.Tensor):
     """(patches (n, D), outputs incl. bias (n, J)) of one layer as NumPy arrays."""
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, padding=module.padding, stride=module.stride)
-        patches = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
-        outputs = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-    else:
-        patches, outputs = x, z
-    return patches.numpy(), outputs.numpy()
+        return patch_rows(module, x).numpy(), position_rows(z).numpy()
+    return x.numpy(), z.numpy()
 
 
 def brute_force_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarray,
@@ -129,14 +113,14 @@ def directions(name, weight, layer_patterns, seed=0):
     return on_plane(a_pos.reshape(j, -1).numpy(), w), on_plane(a_neg.reshape(j, -1).numpy(), w)
 
 
-def reference(model, patterns, x):
-    """Brute-force rho per layer, estimator and neuron."""
-    io = layer_io(model, x)
+def reference(model, patterns, x, regime="all"):
+    """Brute-force rho per layer, estimator and neuron: :func:`brute_force_rho` on all
+    samples, or (``regime="active"``) :func:`brute_force_active_rho` on each neuron's
+    active samples."""
     result = {}
-    for name, module in model.named_modules():
-        if name not in io:
-            continue
-        patches, z = samples_of(module, *io[name])
+    for name, (layer_input, layer_output) in layer_inputs_outputs(model, x).items():
+        module = model.get_submodule(name)
+        patches, z = samples_of(module, layer_input, layer_output)
         weight = module.weight.detach()
         w = weight.reshape(weight.shape[0], -1).numpy()
         bias = module.bias.detach().numpy() if module.bias is not None else 0.0
@@ -146,7 +130,8 @@ def reference(model, patterns, x):
         for est in MEASURABLE:
             a_pos, a_neg = directions(est, weight, patterns[name])
             result[name][est] = np.array([
-                brute_force_rho(patches, w[j], active[:, j], a_pos[j], a_neg[j])
+                brute_force_rho(patches, w[j], active[:, j], a_pos[j], a_neg[j]) if regime == "all"
+                else brute_force_active_rho(patches, w[j], active[:, j], a_pos[j])
                 for j in range(w.shape[0])])
     return result
 
@@ -188,7 +173,7 @@ def test_equals_brute_force_with_constant_inputs():
     x = images(300, seed=2)
     result = layer_quality(model, patterns, x, batch_size=100, progress=False)
     expected = reference(model, patterns, x)
-    io = layer_io(model, x)
+    io = layer_inputs_outputs(model, x)
     patches, _ = samples_of(model[2], *io["2"])
     assert np.linalg.matrix_rank(patches - patches.mean(0)) < patches.shape[1]  # Sigma_x singular
     # the dead neuron of the first layer has w = 0: y is constant, rho undefined
@@ -217,7 +202,7 @@ def test_arbitrary_directions_equal_brute_force(fitted):
     half = (on_plane[0], a_neg)  # a_+ on the plane, a_- off it
     rho, defined = rho_from_moments(moments["2"], layer.weight(),
                                        {"on": on_plane, "off": off_plane, "half": half})
-    io = layer_io(model, x)
+    io = layer_inputs_outputs(model, x)
     patches, z = samples_of(model[2], *io["2"])
     for name, (p, n) in {"on": on_plane, "off": off_plane, "half": half}.items():
         expected = [brute_force_rho(patches, w[j].numpy(), z[:, j] > 0, p[j].numpy(), n[j].numpy())
@@ -410,29 +395,11 @@ def brute_force_active_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarra
     return 1.0 - (readout @ yc) / np.sqrt((readout @ readout) * (yc @ yc))
 
 
-def active_reference(model, patterns, x):
-    io = layer_io(model, x)
-    result = {}
-    for name, module in model.named_modules():
-        if name not in io:
-            continue
-        patches, z = samples_of(module, *io[name])
-        weight = module.weight.detach()
-        w = weight.reshape(weight.shape[0], -1).numpy()
-        result[name] = {}
-        for est in MEASURABLE:
-            a_pos, _ = directions(est, weight, patterns[name])
-            result[name][est] = np.array([
-                brute_force_active_rho(patches, w[j], z[:, j] > 0, a_pos[j])
-                for j in range(w.shape[0])])
-    return result
-
-
 def test_active_regime_equals_least_squares_on_the_active_samples(fitted):
     model, patterns = fitted
     x = images(400, seed=2)
     result = layer_quality(model, patterns, torch.split(x, 64), progress=False, regime="active")
-    expected = active_reference(model, patterns, x)
+    expected = reference(model, patterns, x, regime="active")
     assert result.regime == "active"
     for layer in result.layers:
         for est in MEASURABLE:
@@ -456,7 +423,7 @@ def test_active_regime_with_one_sided_neurons_and_constant_inputs():
     patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
     x = images(300, seed=2)
     result = layer_quality(model, patterns, x, batch_size=100, progress=False, regime="active")
-    expected = active_reference(model, patterns, x)
+    expected = reference(model, patterns, x, regime="active")
     for layer in result.layers:
         for est in MEASURABLE:
             got = result.per_neuron[layer][est].numpy()
@@ -518,7 +485,7 @@ def test_active_moments_reshift_is_exact():
     x = images(20, seed=5)
     plan = trace_plan(model, x)
     layer = plan.layers[1]
-    io = layer_io(model, x)
+    io = layer_inputs_outputs(model, x)
     m = ActiveLayerMoments.zeros(36, 5)
     m.update(layer, *io["2"])
     before = m.sum_xx_act / m.n_act[:, None, None] - (m.sum_x_act / m.n_act[:, None])[:, :, None] \

@@ -1,4 +1,4 @@
-"""Residual networks: the tiny residual network of tests/_residual_net.py against
+"""Residual networks: the tiny residual network of tests/_nets.py against
 references written out here, and torchvision's ResNets end to end.
 
 What must hold (float64, 1e-6 or better):
@@ -16,26 +16,25 @@ What must hold (float64, 1e-6 or better):
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from _residual_net import CONVS, batches, explicit_forward, folded, images, tiny_residual
+from _distributed import run_workers
+from _nets import (CONVS, explicit_forward, folded, patch_rows, position_rows, residual_batches,
+                   residual_images, tiny_residual)
 from toolkit.layers import trace
 from toolkit.methods import LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution, PatternNet
 from toolkit.patterns import Patterns, fit_patterns
 from toolkit.quality import layer_quality
 from toolkit.residual import MASKS, ActivityMasks, ReluCall, relu_after_additions
 
-HERE = Path(__file__).resolve().parent
 LAYER_NAMES = [name for name, _ in CONVS] + ["fc"]
 
 
 def fit(net, mask, data=None):
-    return fit_patterns(net, data if data is not None else batches(), progress=False, mask=mask)
+    return fit_patterns(net, data if data is not None else residual_batches(), progress=False, mask=mask)
 
 
 # ----------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ def fit(net, mask, data=None):
 # ----------------------------------------------------------------------------------
 def test_relu_after_additions_of_the_tiny_network():
     net = tiny_residual()
-    plan = trace(net, images(1))
+    plan = trace(net, residual_images(1))
     assert plan.names == LAYER_NAMES
     assert [layer.batchnorm_name for layer in plan][:6] == [bn for _, bn in CONVS]
     sources = relu_after_additions(net, plan)
@@ -71,13 +70,11 @@ def neuron_samples(name, layer_input, z, mask_source, net):
     if name == "fc":
         w = net.fc.weight.detach()
         return layer_input, layer_input @ w.T, mask_source > 0, w
-    w, b = folded(net, name, dict(CONVS)[name])
-    m = getattr(net, name)
-    cols = F.unfold(layer_input, m.kernel_size, padding=m.padding, stride=m.stride)  # (N, D, L)
-    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    w, b = folded(net, name)
+    x = patch_rows(getattr(net, name), layer_input)
     w = w.reshape(w.shape[0], -1)
-    active = (mask_source > 0).permute(0, 2, 3, 1).reshape(-1, w.shape[0])
-    y = (z - b[None, :, None, None]).permute(0, 2, 3, 1).reshape(-1, w.shape[0])
+    active = position_rows(mask_source > 0)
+    y = position_rows(z - b[None, :, None, None])
     torch.testing.assert_close(y, x @ w.T, rtol=1e-12, atol=1e-12)  # the patches are right
     return x, y, active, w
 
@@ -102,7 +99,7 @@ def brute_force_patterns(x, y, active, w):
 def test_patterns_equal_per_neuron_computation_from_patches(mask):
     net = tiny_residual()
     patterns = fit(net, mask)
-    data = torch.cat(batches())
+    data = torch.cat(residual_batches())
     with torch.no_grad():
         forward = explicit_forward(net, data)
     checked_two_sided = 0
@@ -136,7 +133,7 @@ def test_layer_quality_uses_the_mask(mask):
     distractor d = x - a_+ y_+ - a_- y_- (with a constant) and take 1 - sqrt(R^2)."""
     net = tiny_residual()
     patterns = fit(net, mask)
-    held_out = images(400, seed=5)
+    held_out = residual_images(400, seed=5)
     result = layer_quality(net, patterns, [held_out], estimators=("two_component",),
                            layers=["a_conv2", "a_down", "b_conv2"], progress=False, mask=mask)
     with torch.no_grad():
@@ -193,7 +190,7 @@ def explicit_backward(net, x, target, rule):
 
 
 def weights_of(net):
-    w = {name: folded(net, name, bn)[0] for name, bn in CONVS}
+    w = {name: folded(net, name)[0] for name, _ in CONVS}
     w["fc"] = net.fc.weight.detach()
     return w
 
@@ -203,7 +200,7 @@ def weights_of(net):
 def test_patternnet_and_patternattribution_equal_explicit_backward(kind, mask):
     net = tiny_residual()
     patterns = fit(net, mask)
-    x = images(5, seed=7)
+    x = residual_images(5, seed=7)
     live = torch.nonzero(patterns.statistics["fc"].n_pos > 0)[:, 0]  # classes a_+ can explain
     target = live[torch.tensor([0, 1, 2, 1, 0]) % len(live)]
     field = "positive" if kind == "two_component" else "linear"
@@ -221,7 +218,7 @@ def test_patternnet_and_patternattribution_equal_explicit_backward(kind, mask):
 def test_explicit_backward_with_weights_is_the_gradient_times_the_logit():
     """The reference backward itself, checked against autograd (A = W)."""
     net = tiny_residual()
-    x = images(4, seed=8).requires_grad_(True)
+    x = residual_images(4, seed=8).requires_grad_(True)
     target = torch.tensor([2, 0, 1, 2])
     logits = net(x).gather(1, target[:, None])
     (grad,) = torch.autograd.grad(logits.sum(), x)
@@ -235,7 +232,7 @@ def test_explicit_backward_with_weights_is_the_gradient_times_the_logit():
 # ----------------------------------------------------------------------------------
 def test_gradient_equals_autograd():
     net = tiny_residual()
-    x = images(6, seed=3).requires_grad_(True)
+    x = residual_images(6, seed=3).requires_grad_(True)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     (expected,) = torch.autograd.grad(net(x).gather(1, target[:, None]).sum(), x)
     torch.testing.assert_close(Gradient(net).attribute(x.detach(), target), expected,
@@ -244,7 +241,7 @@ def test_gradient_equals_autograd():
 
 def test_lrpz_conserves_relevance_without_biases():
     net = tiny_residual(biases=False)
-    x = images(6, seed=4)
+    x = residual_images(6, seed=4)
     relevance = LRPZ(net).attribute(x)
     with torch.no_grad():
         logits = net(x).max(1).values
@@ -258,11 +255,11 @@ def test_lrpz_loses_exactly_the_bias_contributions():
     the selected logit at z_j (summed over positions): measured with per-sample bias
     probes in the explicit forward pass."""
     net = tiny_residual()
-    x = images(6, seed=4)
+    x = residual_images(6, seed=4)
     target = torch.tensor([0, 1, 2, 2, 1, 0])
     relevance = LRPZ(net).attribute(x, target)
-    probes = {name: folded(net, name, bn)[1][None, :, None, None].repeat(len(x), 1, 1, 1).requires_grad_(True)
-              for name, bn in CONVS}
+    probes = {name: folded(net, name)[1][None, :, None, None].repeat(len(x), 1, 1, 1).requires_grad_(True)
+              for name, _ in CONVS}
     probes["fc"] = net.fc.bias.detach()[None].repeat(len(x), 1).requires_grad_(True)
     logits = explicit_forward(net, x, probes)["logits"].gather(1, target[:, None])[:, 0]
     grads = torch.autograd.grad(logits.sum(), list(probes.values()))
@@ -276,11 +273,7 @@ def test_lrpz_loses_exactly_the_bias_contributions():
 # one process or two
 # ----------------------------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("this torch build has no torch.distributed")
-    from _distributed_fit import run_workers
-
-    run_workers(HERE / "_residual_net.py", 2, tmp_path)
+    run_workers("tiny_residual", 2, tmp_path)
     net = tiny_residual()
     for mask in MASKS:
         single = fit(net, mask)
@@ -338,7 +331,7 @@ def test_default_mask_is_the_relu_after_the_addition():
 
     net = tiny_residual()
     assert DEFAULT_MASK == "relu_input"
-    default, relu_input = fit_patterns(net, batches(), progress=False), fit(net, "relu_input")
+    default, relu_input = fit_patterns(net, residual_batches(), progress=False), fit(net, "relu_input")
     assert all(torch.equal(default[n].positive, relu_input[n].positive) for n in LAYER_NAMES)
 
 
@@ -361,7 +354,7 @@ class DataDependent(torch.nn.Module):
 def test_untraceable_model_falls_back_to_the_own_output_with_a_warning():
     torch.manual_seed(0)
     net = DataDependent().double().eval()
-    data = [images(6)]
+    data = [residual_images(6)]
     with pytest.warns(RuntimeWarning, match="torch.fx cannot trace DataDependent"):
         fallback = fit_patterns(net, data, progress=False)
     explicit = fit_patterns(net, data, progress=False, mask="output")

@@ -15,20 +15,14 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from _distributed_fit import batches, conv_net, images
+from _nets import batches, conv_net, images, layer_inputs_outputs, patch_rows, position_rows
 from toolkit.patterns import (KINDS, CheckpointMismatchError, MissingPatternsError, Patterns,
                               Statistics, fit_patterns)
 from toolkit.quality import layer_quality
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(model, data, **kwargs) -> Patterns:
@@ -93,16 +87,9 @@ def test_sums_equal_brute_force(kinds):
     model = conv_net()
     x = images(30)
     patterns = fit(model, list(torch.split(x, 7)), kinds=kinds)
-    seen = {}
-    hooks = [model.conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
-             model.bn1.register_forward_hook(lambda m, a, out: seen.__setitem__("z", out.clone()))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    conv_input, conv_output = layer_inputs_outputs(model, x, outputs={"conv1": "bn1"})["conv1"]
     conv = model.conv1
-    patches = F.unfold(seen["x"], 3, dilation=2, padding=1, stride=2).permute(0, 2, 1).reshape(-1, 27)
-    z = seen["z"].permute(0, 2, 3, 1).reshape(-1, 6)
+    patches, z = patch_rows(conv, conv_input), position_rows(conv_output)
     layer = next(iter(patterns.layers))
     from toolkit.layers import trace
     folded = trace(model, x).layers[0]
