@@ -60,6 +60,8 @@ def main(argv=None) -> dict:
     for name, label in (("default", "default fit (3 patterns)"), ("positive", "positive-only fit")):
         print(f"{label:<24}{result[name + '_s_per_image']:.4f} s per image = "
               f"{result[name + '_ratio']:.2f}x forward ({verdict(result[name + '_ratio'], TARGETS[name])})")
+        rounds = ", ".join(f"{r:.2f}" for r in result[name + "_ratio_per_round"])
+        print(f"{'':<24}fastest runs {result[name + '_ratio_fastest']:.2f}x; per round {rounds}")
     result.update(model=args.model, size=args.size, batch=args.batch, device=device_name(device),
                   dtype=args.dtype, compute_dtype=args.compute_dtype, torch=torch.__version__)
     if args.json:

@@ -212,6 +212,14 @@ def fit_costs(model: nn.Module, batches: list[torch.Tensor], device: torch.devic
         result[f"{name}_s_per_image"] = marginal(times[f"{name}_long"], times[f"{name}_short"], images)
     for name in ("default", "positive"):
         result[f"{name}_ratio"] = result[f"{name}_s_per_image"] / result["forward_s_per_image"]
+        # two views that load on a shared machine disturbs less: the fastest runs (load
+        # only ever adds time), and the ratio within each round (the steps of one round
+        # run within a minute of each other)
+        fastest = [min(times[f"{step}_{length}"]) for step in (name, "forward") for length in ("long", "short")]
+        result[f"{name}_ratio_fastest"] = (fastest[0] - fastest[1]) / (fastest[2] - fastest[3])
+        result[f"{name}_ratio_per_round"] = [
+            (fl - fs) / (wl - ws) for fl, fs, wl, ws in zip(
+                times[f"{name}_long"], times[f"{name}_short"], times["forward_long"], times["forward_short"])]
     return result
 
 
