@@ -70,7 +70,7 @@ def test_the_scan_finds_what_it_must(tmp_path, monkeypatch):
     assert sorted(broken_citations(cited)) == [
         "bare file name 'math.md' (cite it by its path in the repository)",
         "missing file 'docs/nothing.md'",
-        "outside path '../shared'",
+        f"outside path '../{SHARED}'",
     ]
 
 

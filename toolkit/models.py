@@ -522,9 +522,7 @@ def load_fashion_cnn(path=None) -> SmallVGG:
             "environment variable TOOLKIT_DATA at a folder holding "
             f"{FASHION_CNN_FILE}."
         )
-    model, metadata = load_saved_model(path)
-    model.metadata = metadata
-    return model
+    return _with_metadata(path)
 
 
 def load_fashion_resnet(path=None) -> SmallResNet:
@@ -552,6 +550,11 @@ def load_fashion_resnet(path=None) -> SmallResNet:
             "'python scripts/train_fashion_resnet.py', or point the environment variable "
             f"TOOLKIT_DATA at a folder holding {FASHION_RESNET_FILE}."
         )
+    return _with_metadata(path)
+
+
+def _with_metadata(path: Path) -> nn.Module:
+    """A saved model with its metadata (accuracy, training settings) as ``model.metadata``."""
     model, metadata = load_saved_model(path)
     model.metadata = metadata
     return model

@@ -52,7 +52,6 @@ __all__ = [
     "LayerMoments",
     "QualityResult",
     "layer_quality",
-    "layer_patches",
     "random_pattern",
     "filter_pattern",
     "estimator_directions",
@@ -161,14 +160,6 @@ def _check_measurable(name: str) -> None:
 # ----------------------------------------------------------------------------------
 # streamed moments
 # ----------------------------------------------------------------------------------
-def layer_patches(layer: Layer, x: Tensor) -> Tensor:
-    """The layer's input samples as rows, ``(samples, D)`` (:meth:`Layer.patches`):
-    for a Linear layer the inputs themselves; for a convolution every receptive-field
-    patch (zero padding included), flattened like ``weight[j].reshape(-1)``, one row per
-    image and output position in the order of :meth:`Layer.neuron_values`."""
-    return layer.patches(x)
-
-
 @dataclass
 class LayerMoments:
     """Running float64 sums of one layer; everything ``rho`` is computed from.
@@ -230,7 +221,7 @@ class LayerMoments:
         per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)  # positions x D
         chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
         for start in range(0, images, chunk):
-            patches = layer_patches(layer, x[start:start + chunk].to(torch.float64))
+            patches = layer.patches(x[start:start + chunk].to(torch.float64))
             active = layer.neuron_values(z[start:start + chunk].detach()) > 0
             if self.n == 0:
                 positions = patches.shape[0] // min(chunk, images - start)
@@ -327,7 +318,7 @@ class ActiveLayerMoments(LayerMoments):
         per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)
         chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
         for start in range(0, images, chunk):
-            patches = layer_patches(layer, x[start:start + chunk].to(torch.float64)) - self.shift
+            patches = layer.patches(x[start:start + chunk].to(torch.float64)) - self.shift
             values = layer.neuron_values(z[start:start + chunk].detach())
             active = values[:, self.neurons.to(values.device)].to(patches.device) > 0
             self.n_act += active.sum(0)
