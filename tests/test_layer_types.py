@@ -1,6 +1,6 @@
 """Every registered neuron-layer adapter (``toolkit.layers.LAYER_TYPES``) against autograd
 and brute force: the layer map, its transpose, the patch sums, the cover sums, and the
-layout of samples. A new layer type needs one example in ``EXAMPLES``; the first test
+layout of samples, the input sums. A new layer type needs one example in ``EXAMPLES``; the first test
 fails until it has one."""
 import pytest
 import torch
@@ -70,6 +70,14 @@ def test_cover_sums_are_the_patch_sums_of_an_all_ones_input(example):
     ones = torch.ones_like(x.narrow(layer.ops.neuron_dim, 0, 1))
     expected = layer.patch_sums(ones, g)
     torch.testing.assert_close(layer.cover_sums(x.shape, g), expected)
+
+
+def test_input_sums_are_the_patch_sums_of_an_all_ones_output(example):
+    layer, module, x = example
+    z = layer.apply(x, module.weight.detach())
+    ones = torch.ones_like(z.narrow(layer.ops.neuron_dim, 0, 1))
+    expected = layer.patch_sums(x, ones)
+    torch.testing.assert_close(layer.ops.input_sums(x, z.shape), expected)
 
 
 def test_shifts_and_means(example):

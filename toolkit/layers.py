@@ -137,6 +137,11 @@ class NeuronOps:
         zero padding."""
         raise NotImplementedError
 
+    def input_sums(self, x: Tensor, output_shape: torch.Size) -> Tensor:
+        """:meth:`patch_sums` with one all-ones output row: the float64 sum of every
+        sample's patch, shaped ``(1, *W[1:])``, without a product over the outputs."""
+        raise NotImplementedError
+
     def input_shift(self, x: Tensor) -> Tensor:
         """The float64 mean of ``x`` per input channel, shaped like one row of the weight
         with the patch positions broadcast: ``(1, D)`` or ``(1, C, 1, 1)``."""
@@ -175,6 +180,9 @@ class LinearOps(NeuronOps):
 
     def cover_sums(self, input_shape, g):
         return self.neuron_values(g).sum(0)[:, None]
+
+    def input_sums(self, x, output_shape):
+        return self.patches(x).sum(0, dtype=torch.float64)[None]
 
     def input_shift(self, x):
         return self.patches(x).mean(0, dtype=torch.float64)[None]
@@ -216,14 +224,34 @@ class Conv2dOps(NeuronOps):
                       for axis in (0, 1))
         return torch.einsum("rij,ai,bj->rab", per_position, rows, cols)[:, None]
 
-    def _covers(self, axis: int, size: int, out_size: int, device) -> Tensor:
-        """``(k, out_size)`` bool: kernel position ``a`` of output position ``i`` lies
-        inside the input (not in the zero padding) along ``axis``."""
+    def input_sums(self, x, output_shape):
+        """The same factorisation as :meth:`cover_sums`, from the input side: kernel
+        position ``(a, b)`` sums the input over the positions it reads, one 0/1
+        condition per axis."""
+        per_position = x.sum(0, dtype=torch.float64)              # (C, H, W)
+        rows, cols = (self._reads(axis, x.shape[2 + axis], output_shape[2 + axis], x.device)
+                      for axis in (0, 1))
+        return torch.einsum("cuv,au,bv->cab", per_position, rows.double(), cols.double())[None]
+
+    def _positions(self, axis: int, out_size: int, device) -> Tensor:
+        """``(k, out_size)``: the input position that kernel position ``a`` of output
+        position ``i`` reads along ``axis`` (negative or beyond the input: padding)."""
         m = self.module
         start = torch.arange(out_size, device=device) * m.stride[axis] - m.padding[axis]
         offset = torch.arange(m.kernel_size[axis], device=device) * m.dilation[axis]
-        where = start[None, :] + offset[:, None]
+        return start[None, :] + offset[:, None]
+
+    def _covers(self, axis: int, size: int, out_size: int, device) -> Tensor:
+        """``(k, out_size)`` bool: kernel position ``a`` of output position ``i`` lies
+        inside the input (not in the zero padding) along ``axis``."""
+        where = self._positions(axis, out_size, device)
         return (where >= 0) & (where < size)
+
+    def _reads(self, axis: int, size: int, out_size: int, device) -> Tensor:
+        """``(k, size)`` bool: kernel position ``a`` reads input position ``u`` for some
+        output position along ``axis`` (at most once: the positions grow with ``i``)."""
+        where = self._positions(axis, out_size, device)
+        return (where[:, :, None] == torch.arange(size, device=device)).any(1)
 
     def input_shift(self, x):
         return x.mean((0, 2, 3), dtype=torch.float64).reshape(1, -1, 1, 1)

@@ -67,8 +67,9 @@ PRODUCT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, "tf32")
 def output_groups(kinds: Sequence[str]) -> tuple[str, ...]:
     """Which channels the output-side buffer of a layer holds, for the patterns ``kinds``.
 
-    ``ones`` gives the sums of inputs; ``active`` (the mask ``z > 0``) the sums of the
-    inputs of active samples; ``y_pos`` / ``y_neg`` the products of the inputs with
+    ``ones`` gives the sums of inputs (made without a product, by
+    ``NeuronOps.input_sums``); ``active`` (the mask ``z > 0``) the sums of the inputs of
+    active samples; ``y_pos`` / ``y_neg`` the products of the inputs with
     ``y`` on the active / inactive samples; ``y_all`` with ``y`` on every sample (when
     only the linear pattern is asked for). The inactive side is summed directly, never
     as a difference of two large sums.
@@ -97,8 +98,8 @@ class Statistics:
     One batch costs one weight-gradient-shaped product per layer
     (``torch.nn.grad.conv2d_weight``, or one matrix product for a Linear layer, whose
     rows are gathered over several batches first) with one output channel per group of
-    :func:`output_groups` and neuron: ``3 J + 1`` for all three patterns, ``2 J + 1``
-    for the positive one alone.
+    :func:`output_groups` and neuron: ``3 J`` for all three patterns, ``2 J`` for the
+    positive one alone (the ``ones`` group, the plain input sums, needs no product).
 
     Stored tensors (``W`` the weight shape, ``J = W[0]``, ``R`` a group's rows: 1 for
     ``ones``, ``J`` otherwise)::
@@ -187,7 +188,7 @@ class Statistics:
         gs = torch.cat([r[1] for r in self._rows])
         self._rows = []
         with _tf32(self.dtype == "tf32"):
-            for group, part in self._group_slices().items():
+            for group, part in self._buffer_slices().items():
                 self._accumulate(f"x.{group}", gs[:, part].T @ xs)
 
     def all_reduce(self) -> None:
@@ -221,12 +222,11 @@ class Statistics:
         Returns the sums of ``y - shift_y`` over the samples where no group holds them
         (a fit of one side only), else None."""
         parts = {group: g.narrow(channel, part.start, part.stop - part.start)
-                 for group, part in self._group_slices().items()}
+                 for group, part in self._buffer_slices().items()}
         shape = [1] * z.dim()
         shape[channel] = self.weight_shape[0]
         offset = offset.reshape(shape)
         samples = tuple(d for d in range(z.dim()) if d != channel)
-        parts["ones"].fill_(1)
         if "y_all" in parts:
             torch.sub(z, offset, out=parts["y_all"])
             return None
@@ -253,31 +253,34 @@ class Statistics:
         """The batch's sum of ``y - shift_y`` per neuron, from the groups' totals."""
         if direct is not None:
             return direct
-        part = self._group_slices()
+        part = self._buffer_slices()
         if "y_all" in part:
             return totals[part["y_all"]]
         return totals[part["y_pos"]] + totals[part["y_neg"]]
 
-    def _group_rows(self, group: str) -> int:
-        return 1 if group == "ones" else self.weight_shape[0]
-
-    def _group_slices(self) -> dict[str, slice]:
-        """Where each group's rows lie in the buffer of one batch."""
-        slices, start = {}, 0
-        for group in self.groups:
-            slices[group] = slice(start, start + self._group_rows(group))
-            start += self._group_rows(group)
-        return slices
+    def _buffer_slices(self) -> dict[str, slice]:
+        """Where each group's ``J`` rows lie in the buffer of one batch (every group but
+        ``ones``, whose sums need no buffer)."""
+        groups = [group for group in self.groups if group != "ones"]
+        J = self.weight_shape[0]
+        return {group: slice(i * J, (i + 1) * J) for i, group in enumerate(groups)}
 
     def _add(self, ops, x: Tensor, z: Tensor, offset: Tensor, active: Tensor | None) -> Tensor:
-        """Add one batch's sums: the groups' values ``g`` (one buffer), their patch sums
-        with the shifted input (gathered first where the layer type wants it), their
-        cover sums and totals. Returns the batch's sum of ``y - shift_y``."""
+        """Add one batch's sums: the plain input sums (group ``ones``), the other groups'
+        values ``g`` (one buffer), their patch sums with the shifted input (gathered
+        first where the layer type wants it), their cover sums and totals. Returns the
+        batch's sum of ``y - shift_y``."""
         channel = ops.neuron_dim % z.dim()
         shape = list(z.shape)
-        shape[channel] = sum(self._group_rows(group) for group in self.groups)
+        shape[channel] = sum(part.stop - part.start for part in self._buffer_slices().values())
         g = torch.empty(shape, dtype=z.dtype, device=z.device)
         direct = self._fill(g, z, offset, channel, active)
+        shape[channel] = 1
+        ones = torch.ones((), dtype=z.dtype, device=z.device).expand(shape)
+        self._accumulate("x.ones", ops.input_sums(x, z.shape))
+        self._accumulate("cover.ones", ops.cover_sums(x.shape, ones).double())
+        self._accumulate("total.ones", torch.full((1,), float(ones.numel()), dtype=torch.float64,
+                                                  device=z.device))
         per_position = g.sum(0, keepdim=True)
         totals = ops.neuron_values(per_position).sum(0).double()  # counts exact below 2**24
         cover = ops.cover_sums(x.shape, per_position).double()
@@ -288,7 +291,7 @@ class Statistics:
                 self.flush()
         else:
             sums = ops.patch_sums(x, g)
-        for group, part in self._group_slices().items():
+        for group, part in self._buffer_slices().items():
             if sums is not None:
                 self._accumulate(f"x.{group}", sums[part])
             self._accumulate(f"cover.{group}", cover[part])
@@ -846,7 +849,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
     kinds : sequence of {"linear", "positive", "negative"}
         Which patterns to fit; all three by default. PatternNet and PatternAttribution
         with the two-component estimator need only ``("positive",)``, which costs a
-        product with ``2 J + 1`` output channels per layer instead of ``3 J + 1``.
+        product with ``2 J`` output channels per layer instead of ``3 J``.
     device : torch.device or str, optional
         Where to compute. Defaults to the model's device. If it differs, a copy of the
         model is moved there (the user's model stays where it is).

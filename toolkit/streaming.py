@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world
 from toolkit.layers import Layer, Plan, evaluation_mode, trace
+from toolkit.memory import reuse_freed_memory
 
 CHECKPOINT_FORMAT = "patternnet-toolkit-checkpoint"
 CHECKPOINT_VERSION = "2"
@@ -351,7 +352,7 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
     bar = progress_bar(data, max_batches, progress and rank == 0, desc, batch_size)
     started = time.perf_counter()
     try:
-        with evaluation_mode(model), torch.no_grad():
+        with evaluation_mode(model), torch.no_grad(), reuse_freed_memory(device):
             for index, batch in own_batches(input_batches(data, batch_size), rank, world,
                                             _sharded(data)):
                 if max_batches is not None and index >= max_batches:
