@@ -275,12 +275,7 @@ class Statistics:
         shape[channel] = sum(part.stop - part.start for part in self._buffer_slices().values())
         g = torch.empty(shape, dtype=z.dtype, device=z.device)
         direct = self._fill(g, z, offset, channel, active)
-        shape[channel] = 1
-        ones = torch.ones((), dtype=z.dtype, device=z.device).expand(shape)
-        self._accumulate("x.ones", ops.input_sums(x, z.shape))
-        self._accumulate("cover.ones", ops.cover_sums(x.shape, ones).double())
-        self._accumulate("total.ones", torch.full((1,), float(ones.numel()), dtype=torch.float64,
-                                                  device=z.device))
+        self._add_input_sums(ops, x, z, channel)
         per_position = g.sum(0, keepdim=True)
         totals = ops.neuron_values(per_position).sum(0).double()  # counts exact below 2**24
         cover = ops.cover_sums(x.shape, per_position).double()
@@ -297,6 +292,17 @@ class Statistics:
             self._accumulate(f"cover.{group}", cover[part])
             self._accumulate(f"total.{group}", totals[part])
         return self._sum_y(totals, direct)
+
+    def _add_input_sums(self, ops, x: Tensor, z: Tensor, channel: int) -> None:
+        """The group ``ones``: the plain sums of the shifted patches, their cover sums and
+        the number of samples, none of which needs the buffer or a product."""
+        shape = list(z.shape)
+        shape[channel] = 1
+        ones = torch.ones((), dtype=z.dtype, device=z.device).expand(shape)
+        self._accumulate("x.ones", ops.input_sums(x, z.shape))
+        self._accumulate("cover.ones", ops.cover_sums(x.shape, ones).double())
+        self._accumulate("total.ones", torch.full((1,), float(ones.numel()), dtype=torch.float64,
+                                                  device=z.device))
 
     def _accumulate(self, key: str, value: Tensor) -> None:
         """Add ``value`` to the float64 sum ``key``; the first value becomes the sum."""
