@@ -16,16 +16,16 @@
 Nothing here imports Quantus or Captum when the module is imported; :func:`captum_attribution`
 imports Captum when it is called, and the Quantus adapter needs no Quantus at all.
 
-Examples
---------
->>> import quantus                                                   # doctest: +SKIP
->>> from toolkit.interop import QuantusExplainer
->>> explain = QuantusExplainer("patternattribution", data=train_images[:256])
->>> quantus.MPRT()(model=model, x_batch=x, y_batch=y, explain_func=explain)
->>> from captum.attr import NoiseTunnel
->>> from toolkit.interop import captum_attribution
->>> smooth = NoiseTunnel(captum_attribution(toolkit.PatternAttribution(model, patterns)))
->>> smooth.attribute(images, nt_type="smoothgrad", nt_samples=8, stdevs=0.1, target=labels)
+Example::
+
+    import quantus
+    from captum.attr import NoiseTunnel
+    from toolkit.interop import QuantusExplainer, captum_attribution
+
+    explain = QuantusExplainer("patternattribution", data=train_images[:256])
+    quantus.MPRT()(model=model, x_batch=x, y_batch=y, explain_func=explain)
+    smooth = NoiseTunnel(captum_attribution(toolkit.PatternAttribution(model, patterns)))
+    smooth.attribute(images, nt_type="smoothgrad", nt_samples=8, stdevs=0.1, target=labels)
 """
 from __future__ import annotations
 

@@ -31,13 +31,13 @@ the global convention is in docs/math.md, section 3.3; the checks are described 
 section 10. scikit-image (SSIM) is imported when the randomisation check runs, not when
 this module is imported.
 
-Examples
---------
->>> from toolkit import sanity                                    # doctest: +SKIP
->>> invariance = sanity.input_invariance(mlp, train_images, test_images[:32], shift=1.0)
->>> print(invariance.table())
->>> randomised = sanity.model_randomization(cnn, train_images[:256], test_images[:32])
->>> print(randomised.table("cascading", "spearman"))
+Example::
+
+    from toolkit import sanity
+    invariance = sanity.input_invariance(mlp, train_images[:3000], test_images[:32], shift=1.0)
+    print(invariance.table())
+    randomised = sanity.model_randomization(cnn, train_images[:256], test_images[:24])
+    print(randomised.table("cascading", "spearman"))
 """
 from __future__ import annotations
 
