@@ -283,3 +283,14 @@ def test_sanity_figures(one_thread):
     spearman = curves.axes[0].get_lines()[0].get_ydata()
     assert spearman[0] == 1.0
     np.testing.assert_allclose(spearman[1:], np.nanmean(result.similarity["independent"]["spearman"][:, 0], 1))
+
+
+def test_an_explainer_takes_the_plan_of_its_own_model_only():
+    from toolkit.layers import trace
+    from toolkit.methods import Gradient
+
+    net, x = conv_net(), images(2)
+    plan = trace(net, x)
+    torch.testing.assert_close(Gradient(net).use_plan(plan).attribute(x), Gradient(net).attribute(x))
+    with pytest.raises(ValueError, match="another model"):
+        Gradient(conv_net(seed=1)).use_plan(plan)

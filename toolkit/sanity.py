@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -175,30 +176,29 @@ def shift_tensor(shift, sample_shape: Sequence[int], dtype: torch.dtype = torch.
                          f"shape {tuple(sample_shape)}") from None
 
 
-def _modules_before_first_layer(model: nn.Module, example: Tensor, first: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The leaf modules the forward pass calls before the first neuron layer, in order."""
-    calls, handles = [], []
-    for name, module in model.named_modules():
-        if not list(module.children()):
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name: calls.append((name, m))))
-    try:
-        with evaluation_mode(model), torch.no_grad():
-            model(example[:1].clone())
-    finally:
-        for h in handles:
-            h.remove()
-    before = []
-    for name, module in calls:
+def _run_recorded(model: nn.Module, x: Tensor, first: nn.Module) -> tuple[list[tuple[str, nn.Module]], Tensor]:
+    """Run ``model`` on ``x``; return the leaf modules it calls before the neuron layer
+    ``first`` (name and module, in order) and the input ``first`` receives."""
+    names = {id(m): name for name, m in model.named_modules()}
+    calls, received = [], []
+
+    def hook(module, args, output):
+        calls.append((names[id(module)], module))
         if module is first:
-            return before
-        before.append((name, module))
-    return before
+            received.append(args[0].detach().clone())
+
+    with ExitStack() as stack, evaluation_mode(model), torch.no_grad():
+        for module in model.modules():
+            if not list(module.children()):
+                stack.callback(module.register_forward_hook(hook).remove)
+        model(x.clone())
+    before = calls[:[m for _, m in calls].index(first)]
+    return before, received[0]
 
 
-def _check_absorbable(model: nn.Module, example: Tensor, layer) -> None:
+def _check_absorbable(before: list[tuple[str, nn.Module]], layer) -> None:
     module = layer.module
-    for name, other in _modules_before_first_layer(model, example, module):
+    for name, other in before:
         if not isinstance(other, SHIFT_COMMUTING):
             raise ShiftNotAbsorbableError(
                 f"module '{name}' ({type(other).__name__}) runs before the first neuron layer "
@@ -211,17 +211,6 @@ def _check_absorbable(model: nn.Module, example: Tensor, layer) -> None:
             f"zeros (padding={padding}): after a shift by c the padding still holds 0, not c, so "
             "the positions at the border see a different input and no bias can absorb the shift "
             "exactly; the check needs a network whose first convolution has padding=0")
-
-
-def _first_layer_input(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
-    seen = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
-    try:
-        with evaluation_mode(model), torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def shifted_twin(model: nn.Module, shift, example: Tensor) -> nn.Module:
@@ -257,11 +246,11 @@ def shifted_twin(model: nn.Module, shift, example: Tensor) -> nn.Module:
         BatchNorm, ...), a per-pixel shift under a convolution, or a forward pass whose
         twin does not reproduce the model on ``example``.
     """
-    plan = trace(model, example)
-    first = plan.layers[0]
-    _check_absorbable(model, example, first)
+    first = trace(model, example).layers[0]
+    before, unshifted = _run_recorded(model, example, first.module)
+    _check_absorbable(before, first)
     c = shift_tensor(shift, example.shape[1:], example.dtype, example.device)
-    moved = _first_layer_input(model, first.module, example + c) - _first_layer_input(model, first.module, example)
+    moved = _run_recorded(model, example + c, first.module)[1] - unshifted
     raw = first.module.weight.detach()
     delta = first.ops.apply(moved, raw)                        # W c at every sample and position
     per_neuron = first.neuron_values(delta)                    # (samples x positions, J)
