@@ -70,8 +70,8 @@ def toy_shift(noise_means=(0.0, 1.0), n: int = 2000, signal_angle: float = 0.0,
         d = base.d + nu * a_d
         data[nu] = linear.ToyData(x=base.s + d, y=base.y, s=base.s, d=d)
         w[nu] = linear.fit_filter(data[nu].x, data[nu].y)
-        patterns[nu] = {convention: linear.TwoComponentEstimator(convention).fit(data[nu].x, w[nu]).pattern_positive_
-                        for convention in linear.MEAN_Y_CONVENTIONS}
+        patterns[nu] = {c: linear.TwoComponentEstimator(c).fit(data[nu].x, w[nu]).pattern_positive_
+                        for c in linear.MEAN_Y_CONVENTIONS}
     return ToyShift(a_s, a_d, tuple(noise_means), data, w, patterns)
 
 

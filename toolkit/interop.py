@@ -155,5 +155,6 @@ def captum_attribution(explainer):
             return f"captum_attribution({self.explainer!r})"
 
     if not callable(getattr(explainer, "attribute", None)):
-        raise TypeError(f"explainer must have a method attribute(inputs, target); got {type(explainer).__name__}")
+        raise TypeError("explainer must have a method attribute(inputs, target); "
+                        f"got {type(explainer).__name__}")
     return ToolkitAttribution(explainer)

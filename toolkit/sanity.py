@@ -52,10 +52,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.layers import LAYER_TYPES, evaluation_mode, trace
+from toolkit.layers import evaluation_mode, trace
 from toolkit.linear import MEAN_Y_CONVENTIONS
 from toolkit.methods import REGISTRY, Method, get_method
-from toolkit.similarity import SIMILARITIES, SIMILARITY_FUNCTIONS, fixed, mean_interval, span, spearman_similarity, ssim_similarity
+from toolkit.similarity import SIMILARITIES, SIMILARITY_FUNCTIONS, fixed, mean_interval, span
 from toolkit.streaming import input_batches
 
 __all__ = [
@@ -176,7 +176,8 @@ def shift_tensor(shift, sample_shape: Sequence[int], dtype: torch.dtype = torch.
                          f"shape {tuple(sample_shape)}") from None
 
 
-def _run_recorded(model: nn.Module, x: Tensor, first: nn.Module) -> tuple[list[tuple[str, nn.Module]], Tensor]:
+def _run_recorded(model: nn.Module, x: Tensor, first: nn.Module
+                  ) -> tuple[list[tuple[str, nn.Module]], Tensor]:
     """Run ``model`` on ``x``; return the leaf modules it calls before the neuron layer
     ``first`` (name and module, in order) and the input ``first`` receives."""
     names = {id(m): name for name, m in model.named_modules()}
@@ -359,11 +360,13 @@ class InvarianceResult:
 
 
 def _difference(e1: Tensor, e2: Tensor) -> tuple[float, float]:
+    """``max |e1 - e2|`` and ``||e1 - e2|| / ||e1||`` (inf where ``e1`` is 0 and ``e2`` not)."""
     e1, e2 = e1.double(), e2.double()
     largest = float((e1 - e2).abs().max())
     norm = float(torch.linalg.vector_norm(e1))
-    relative = float(torch.linalg.vector_norm(e1 - e2)) / norm if norm > 0 else (0.0 if largest == 0 else math.inf)
-    return largest, relative
+    if norm == 0:
+        return largest, (0.0 if largest == 0 else math.inf)
+    return largest, float(torch.linalg.vector_norm(e1 - e2)) / norm
 
 
 def input_invariance(model: nn.Module, data, inputs: Tensor, shift=1.0, methods=None,
@@ -459,7 +462,8 @@ def input_invariance(model: nn.Module, data, inputs: Tensor, shift=1.0, methods=
             explanations[method.name, convention] = (e1, e2)
     fitted_patterns = {"original": {k: v[0] for k, v in patterns.items()},
                        "twin": {k: v[1] for k, v in patterns.items()}}
-    return InvarianceResult(rows, c, tolerance, dtype, torch.as_tensor(targets), explanations, fitted_patterns)
+    return InvarianceResult(rows, c, tolerance, dtype, torch.as_tensor(targets), explanations,
+                            fitted_patterns)
 
 
 # ----------------------------------------------------------------------------------
@@ -726,7 +730,8 @@ def model_randomization(model: nn.Module, data, inputs: Tensor, methods=None,
     plans = _randomization_plans(layers, orders)
 
     stale = stale and bool(kinds)
-    variants = [m.name for m in methods] + [f"{m.name} (stale)" for m in methods if stale and m.needs_patterns]
+    variants = [m.name for m in methods]
+    variants += [f"{m.name} (stale)" for m in methods if stale and m.needs_patterns]
     base = {v: v.removesuffix(" (stale)") for v in variants}
     by_name = {m.name: m for m in methods}
     titles = {v: by_name[b].title + (" (stale)" if v != b else "") for v, b in base.items()}
@@ -745,7 +750,8 @@ def model_randomization(model: nn.Module, data, inputs: Tensor, methods=None,
     similarity = {order: {metric: np.stack([
         np.stack([SIMILARITY_FUNCTIONS[metric](original[base[v]], found[chosen][v]) for v in variants])
         for chosen in plan.values()]) for metric in SIMILARITIES} for order, plan in plans.items()}
-    randomized = {order: {label: found[chosen] for label, chosen in plan.items()} for order, plan in plans.items()}
+    randomized = {order: {label: found[chosen] for label, chosen in plan.items()}
+                  for order, plan in plans.items()}
     return RandomizationResult(layers, {o: list(p) for o, p in plans.items()}, variants, titles, outputs,
                                similarity, original, randomized, targets, seed, n_resamples,
                                confidence_level)

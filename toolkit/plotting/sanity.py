@@ -74,9 +74,9 @@ def invariance_grid(result, index: int = 0, keys: Sequence[tuple] | None = None,
         method = REGISTRY[key[0]]
         _DRAW[method.output](e1, row[0])
         _DRAW[method.output](e2, row[1])
-        difference = (e1 - e2).double()
-        limit = float(e1.double().abs().sum(0).max()) if method.output == "attribution" else float(e1.abs().max())
-        row[2].imshow(difference.sum(0).numpy(), cmap="seismic", vmin=-limit or -1, vmax=limit or 1)
+        difference = (e1 - e2).double().sum(0)           # summed over channels, like a heatmap
+        limit = float(e1.double().sum(0).abs().max()) or 1.0
+        row[2].imshow(difference.numpy(), cmap="seismic", vmin=-limit, vmax=limit)
         row[2].set_xticks([])
         row[2].set_yticks([])
         row[0].set_ylabel(method.title + (f"\n{key[1]}" if key[1] else ""), fontsize=8)
