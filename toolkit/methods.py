@@ -170,6 +170,17 @@ class Explainer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, start={self.start!r})"
 
+    def use_plan(self, plan: Plan) -> "Explainer":
+        """Use ``plan``, made once by :func:`toolkit.layers.trace` of this explainer's
+        model, instead of tracing the model again; for many explainers of one model (the
+        sanity checks explain every randomised network with every method). Returns self.
+        """
+        if not any(module is plan.layers[0].module for module in self.model.modules()):
+            raise ValueError("the plan was traced from another model than this explainer's")
+        self._check_plan(plan)
+        self._plan = plan
+        return self
+
     # -- the rules (overridden by the methods) --------------------------------------
     @property
     def _pattern_kind(self) -> str:
