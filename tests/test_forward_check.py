@@ -259,6 +259,7 @@ def test_additions_are_judged_in_one_place():
     assert "different shapes" in judge((torch.ones(2, 3), torch.ones(2, 1)), {}, [True, True])
     assert "offset" in judge((torch.ones(2, 3), 1.0), {}, [True])
     assert "offset" in judge((torch.ones(2, 3), torch.ones(2, 3)), {}, [True, False])
+    assert "offset" in judge((torch.ones(2, 3), torch.ones(1, 3)), {}, [True, False])   # a bias
 
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "alexnet"])

@@ -3,7 +3,7 @@
 :class:`Gradient`, :class:`DeconvNet`, :class:`GuidedBackprop`, :class:`PatternNet`,
 :class:`PatternAttribution` and :class:`LRPZ` share Captum's signature
 ``attribute(inputs, target=None)`` (``target=None``: the predicted class). They differ
-only in how a Conv2d/Linear layer and a ReLU pass the backward signal on (the weight, the
+only in how a neuron layer and a ReLU-family activation pass the backward signal on (the weight, the
 pattern, or their product; the forward mask, a ReLU of the signal, or both) and in the
 value the pass starts from (``start="one"`` or ``"logit"``). The rules, the start
 values and PatternAttribution as deep Taylor decomposition are in docs/math.md,
@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.layers import Hooks, Layer, Plan, evaluation_mode, run, trace
+from toolkit.targets import Target, as_target
 from toolkit.rules import (DeconvRule, GuidedRule, LinearRule, MaskCell, Normalise, Scale,
                            times_power_of_two)
 
@@ -81,8 +82,6 @@ __all__ = [
     "Target",
 ]
 
-#: One class for all samples, one class per sample, or None for the predicted classes.
-Target = Union[int, Sequence[int], Tensor, None]
 
 STARTS = ("logit", "one")
 #: The estimators whose fitted patterns PatternNet and PatternAttribution use (``kind=``).
@@ -184,8 +183,7 @@ class Explainer:
     # -- the rules (overridden by the methods) --------------------------------------
     @property
     def _pattern_kind(self) -> str:
-        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
-        active neurons pass the signal, so ``a_-`` is never needed)."""
+        """The pattern of the active side: ``linear`` for S_a, ``positive`` for S_a+-."""
         return "linear" if self.kind == "linear" else "positive"
 
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
@@ -286,7 +284,7 @@ class Explainer:
         scale = Scale(x.shape[0], x.device)
         logits = self._forward(x, plan, scale)
         self._check_logits(logits, inputs)
-        target = _as_target(target, logits)
+        target = as_target(target, logits)
         self._check_target(plan, target, logits)
         seed = scale.normalise(self._seed(logits.detach(), target))
         (grad,) = torch.autograd.grad(logits, x, seed)
@@ -395,63 +393,6 @@ class Explainer:
                 f"for inputs of shape {tuple(inputs.shape)} the model returned {shape}; "
                 f"expected logits shaped ({inputs.shape[0]}, classes)"
             )
-
-
-def _as_target(target: Target, logits: Tensor) -> Tensor:
-    """The class index of every sample as a long tensor on the logits' device."""
-    n, classes = logits.shape
-    if target is None:
-        return logits.detach().argmax(1)
-    t = _target_tensor(target, classes).to(logits.device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(
-            f"got {t.numel()} targets (shape {tuple(t.shape)}) for {n} inputs; give one int, "
-            f"one class per sample, or None"
-        )
-    bad = t[(t < 0) | (t >= classes)]
-    if bad.numel():
-        raise ValueError(
-            f"target {bad[0].item()} is out of range: the model has {classes} classes "
-            f"(0 to {classes - 1})"
-        )
-    return t.long()
-
-
-def _target_tensor(target, classes: int) -> Tensor:
-    """``target`` as an integer tensor, or a clear error about what it is instead."""
-    if isinstance(target, (bool, np.bool_)) or (isinstance(target, Tensor) and target.dtype == torch.bool):
-        raise TypeError("target must be class indices, not booleans")
-    if isinstance(target, (str, bytes)):
-        raise TypeError(f"target must be an integer class index, not the string {target!r}; "
-                        "map class names to indices first")
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"target must be integer class indices, got {target.dtype}")
-        return target
-    values = [target] if np.ndim(target) == 0 and not isinstance(target, (list, tuple)) else target
-    if isinstance(values, (list, tuple)):
-        for value in values:
-            if value is None:
-                raise TypeError("target holds None; give None itself (not a list of None) to explain "
-                                "the predicted classes, or one class index per sample")
-            if isinstance(value, (bool, np.bool_)):
-                raise TypeError("target must be class indices, not booleans")
-            if not isinstance(value, (numbers.Integral, Tensor, np.ndarray)):
-                raise TypeError(f"target must be integer class indices, got {value!r} "
-                                f"({type(value).__name__})")
-            if isinstance(value, numbers.Integral) and not -2**63 <= int(value) < 2**63:
-                raise ValueError(f"target {int(value)} is out of range: the model has {classes} "
-                                 f"classes (0 to {classes - 1})")
-    try:
-        t = torch.as_tensor(target)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        raise TypeError(f"target must be an int, a sequence of ints, an integer tensor or None; "
-                        f"cannot read {type(target).__name__} {target!r:.60}: {error}") from None
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"target must be integer class indices, got {t.dtype}")
-    return t
 
 
 # ----------------------------------------------------------------------------------
@@ -565,7 +506,7 @@ def get_method(name: str) -> Method:
 class Gradient(Explainer):
     """The gradient of the selected output with respect to the input (saliency map).
 
-    Rules: ``W^T`` through Conv2d/Linear layers, the forward mask at each ReLU. Equal to
+    Rules: ``W^T`` through every neuron layer, the forward derivative at each activation. Equal to
     Captum's ``Saliency(abs=False)``.
 
     Parameters
@@ -585,8 +526,9 @@ class Gradient(Explainer):
 class DeconvNet(Explainer):
     """DeconvNet (Zeiler & Fergus, 2014): the gradient with ReLUs applied to the signal.
 
-    Rules: ``W^T`` through Conv2d/Linear layers; at each ReLU the backward signal is
-    rectified, ``relu(r)``, and the forward mask is ignored. Max-pooling switches come
+    Rules: ``W^T`` through every neuron layer; at each ReLU-family activation the
+    backward signal is rectified, ``relu(r)`` (a LeakyReLU's shape with its slope), and
+    the forward mask is ignored. Max-pooling switches come
     from the forward pass. Equal to Captum's ``Deconvolution``. In the paper's terms it
     reconstructs the signal with the filter-based estimator ``S_w``.
 
@@ -605,7 +547,7 @@ class DeconvNet(Explainer):
 class GuidedBackprop(Explainer):
     """Guided Backprop (Springenberg et al., 2015): gradient and DeconvNet combined.
 
-    Rules: ``W^T`` through Conv2d/Linear layers; at each ReLU the signal passes only
+    Rules: ``W^T`` through every neuron layer; at each ReLU-family activation the signal passes only
     where the forward ReLU was active *and* the signal is positive. Equal to Captum's
     ``GuidedBackprop``.
 
@@ -771,12 +713,16 @@ class _PatternExplainer(Explainer):
 class PatternNet(_PatternExplainer):
     """PatternNet: the signal ``S(x)`` of the input that the selected output detects.
 
-    Rules: ``A^T`` through every Conv2d/Linear layer (``A`` = the layer's pattern), the
-    forward mask at each ReLU. With ``kind="two_component"`` (default) ``A = a_+``, the
-    pattern of the active neurons: the signal of inactive neurons is stopped by the
-    forward mask anyway, so ``a_-`` is never needed (as in the authors' code; this holds
-    for the output layer too, whatever the sign of the logit). ``kind="linear"`` uses
-    the pattern ``a`` of the linear estimator ``S_a``.
+    Rules: ``A^T`` through every neuron layer (``A`` = the layer's pattern), the forward
+    derivative at each activation. With ``kind="two_component"`` (default) ``A = a_+``,
+    the pattern of the active neurons, where a ReLU or ReLU6 stops the signal of the
+    inactive ones (as in the authors' code; this holds for the output layer too,
+    whatever the sign of the logit). A layer whose inactive side passes the signal -- a
+    LeakyReLU, or an output that reaches no single activation, such as a linear
+    bottleneck -- sends each position back with the pattern of its side,
+    ``A_+^T (r m) + A_-^T (r (1 - m))`` with the activity mask ``m`` (docs/math.md,
+    section 6.2), and needs the negative patterns. ``kind="linear"`` uses the pattern
+    ``a`` of the linear estimator ``S_a`` everywhere.
 
     Scaling: with ``start="logit"`` (default, the authors' choice) the pass starts from
     the logit's value ``y``. For one linear neuron ``y = w^T x`` this gives exactly the
@@ -815,8 +761,9 @@ class PatternNet(_PatternExplainer):
 class PatternAttribution(_PatternExplainer):
     """PatternAttribution: how much each input dimension contributes to the output.
 
-    Rules: ``(W * A)^T`` through every Conv2d/Linear layer (elementwise product of
-    weight and pattern), the forward mask at each ReLU. This is deep Taylor
+    Rules: ``(W * A)^T`` through every neuron layer (elementwise product of weight and
+    pattern; on the inactive side of a layer that passes it, ``W * a_-``, as for
+    :class:`PatternNet`), the forward derivative at each activation. This is deep Taylor
     decomposition with the root point ``x0 = x - S_a+(x)``: the part of the input the
     pattern does not explain is the reference, so the relevance per layer is
     ``r^{l-1} = (w * a_+) r^l``. ``kind`` picks ``a_+`` (default) or the linear ``a``,
@@ -854,7 +801,8 @@ class LRPZ(Explainer):
 
         R_i = sum_j  x_i w_ij / z_j  R_j
 
-    For networks of Conv2d/Linear layers, ReLUs, max and average pooling this is exactly
+    For networks of neuron layers, ReLU-family activations, max and average pooling,
+    concatenations and additions this is exactly
     *input times gradient*, applied once at the input. Let ``g`` be the gradient of the
     selected logit (seeded as below) and suppose the relevance at a layer's output is
     ``R_j = z_j g_j``. Then
@@ -863,7 +811,9 @@ class LRPZ(Explainer):
 
     because ``sum_j w_ij g_j`` is the gradient at the layer input. A ReLU passes the
     relevance unchanged and so keeps the form: where it is active ``a = z`` and the
-    gradient passes, where it is not ``a = 0`` and both sides are 0. Max pooling gives
+    gradient passes, where it is not ``a = 0`` and both sides are 0 (a LeakyReLU's
+    ``a = alpha z`` has the gradient ``alpha g``: ``a g`` keeps the form; a saturated
+    ReLU6's constant output takes no relevance down, like a bias). Max pooling gives
     all relevance to the winner, whose value and gradient are those of the output; average
     pooling is a linear layer with weights ``1/k``. At the top, ``R = logit * 1`` starts
     the induction. So at every layer ``R = a * g``, in particular at the input.

@@ -133,14 +133,12 @@ def judge_addition(args: tuple, kwargs: dict, signals: list[bool]) -> str | None
     same-shaped tensors that both carry the input's signal is a residual connection
     (every rule passes the signal to both summands); adding anything else is an offset."""
     tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
-    if len(tensors) >= 2:
-        if len(tensors) == 2 and tensors[0].shape == tensors[1].shape and all(signals[:2]):
-            return None
-        if len(tensors) == 2 and tensors[0].shape == tensors[1].shape:
-            return ("adding a tensor that does not depend on the input is an offset (affine, not "
-                    "linear; the rules assume no offset between layers)")
-        return "a sum of tensors of different shapes (broadcasting) is not a residual connection"
-    return "an offset (adding a constant is affine, not linear; the rules assume no offset between layers)"
+    if len(tensors) < 2 or not all(signals[:len(tensors)]):
+        return ("an offset (adding a constant, or a tensor that does not depend on the input, is "
+                "affine, not linear; the rules assume no offset between layers)")
+    if len(tensors) == 2 and tensors[0].shape == tensors[1].shape:
+        return None
+    return "a sum of tensors of different shapes (broadcasting) is not a residual connection"
 
 
 def _axes(node, args: tuple, kwargs: dict, rank: int) -> list[int] | None:

@@ -356,8 +356,9 @@ class _Judge:
             if is_inplace(node.target, args, kwargs):
                 self.inplace.add(node.name)
             return
-        signals = [isinstance(a, fx.Node) and a.name in self.signal
-                   for a in (*node.args, *node.kwargs.values())]
+        signals = [isinstance(a, fx.Node) and a.name in self.signal       # one per tensor argument
+                   for a in (*node.args, *node.kwargs.values())
+                   if isinstance(a.meta.get("value") if isinstance(a, fx.Node) else a, Tensor)]
         why = operations.refusal(node, args, kwargs, node.meta["value"], signals, self.batch)
         if why is not None:
             raise UnsupportedLayerError(
