@@ -648,18 +648,33 @@ def test_conv1d_and_conv3d_equal_brute_force(dims):
         check_against_reference(result, model, patterns, x, regime, atol=1e-6 if regime == "all" else 1e-8)
 
 
-def test_grouped_layer_does_not_depend_on_the_batch_size(grouped):
+def test_grouped_layer_does_not_depend_on_the_batch_size(grouped, monkeypatch):
+    """Nor on the blocks of neurons of the closed form: with blocks of 40 numbers the
+    grouped layer (D = 36, 3 neurons per group) is cut inside its groups, the depthwise one
+    (D = 9, 2 per group) into blocks of two groups."""
+    import toolkit.quality as quality
+
     model, patterns = grouped
     x = random_images(40, SIGNAL_SHAPES[2], seed=3)
+    whole = {}
     for regime in REGIMES:
         a = layer_quality(model, patterns, torch.split(x, 7), layers=["2", "4"], progress=False,
                           regime=regime)
-        b = layer_quality(model, patterns, x, batch_size=40, layers=["2", "4"], progress=False,
-                          regime=regime)
+        whole[regime] = layer_quality(model, patterns, x, batch_size=40, layers=["2", "4"],
+                                      progress=False, regime=regime)
         for layer in a.layers:
             for est in MEASURABLE:
-                np.testing.assert_allclose(a.per_neuron[layer][est].numpy(), b.per_neuron[layer][est].numpy(),
+                np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
+                                           whole[regime].per_neuron[layer][est].numpy(),
                                            rtol=1e-10, atol=1e-12, err_msg=f"{regime}, layer {layer}, {est}")
+    monkeypatch.setattr(quality, "NEURON_BLOCK_ELEMENTS", 40)
+    blocks = layer_quality(model, patterns, x, batch_size=40, layers=["2", "4"], progress=False)
+    assert [len(list(quality._neuron_blocks(g, j, d))) for g, j, d in ((2, 6, 36), (6, 12, 9))] == [6, 3]
+    for layer in blocks.layers:
+        for est in MEASURABLE:
+            np.testing.assert_allclose(blocks.per_neuron[layer][est].numpy(),
+                                       whole["all"].per_neuron[layer][est].numpy(),
+                                       rtol=1e-12, atol=1e-14, err_msg=f"blocks, layer {layer}, {est}")
 
 
 def test_grouped_moments_move_to_another_shift_exactly(grouped):
