@@ -1,8 +1,8 @@
-"""How good is a signal estimator? ``rho(S)`` for every Conv2d/Linear layer of a network.
+"""How good is a signal estimator? ``rho(S)`` for every neuron layer of a network.
 
 For one neuron with filter ``w``, an estimator ``S`` splits each input ``x`` (for a
-convolution: each receptive-field patch) into an estimated signal ``S(x)`` and an
-estimated distractor ``d = x - S(x)``; the quality is::
+convolution: each receptive-field patch of the neuron's group of channels) into an
+estimated signal ``S(x)`` and an estimated distractor ``d = x - S(x)``; the quality is::
 
     rho(S) = 1 - max_v corr(v^T d, y),    y = w^T x  (no bias)
 
@@ -19,10 +19,28 @@ Measure on data the patterns were not fitted on. The derivation of the closed fo
 eigenvalue floor ``rtol``, the option ``ridge``, undefined neurons and the sample-size
 warning are in docs/math.md, section 4.
 
-Memory: the shared moment is ``D x D`` float64 per layer (``D`` the patch size): about
-5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3 convolution;
-the closed form holds up to four such matrices. Use ``layers=`` to measure a subset and
-``device=`` to compute on a GPU; ``benchmarks/layer_quality.py`` times a model.
+**Groups.** A neuron of a grouped or depthwise convolution reads only its group of the
+input channels (:mod:`toolkit.layers.adapters`), so the moments of the inputs are kept
+per group (``G`` groups, ``D`` inputs per neuron: ``sum_xx`` is ``G x D x D``), and the
+closed form solves each group's neurons against its own input covariance, batched over
+the groups. A layer of one group (Linear, an ordinary convolution) keeps the shapes
+without a group axis.
+
+**Layers without a quality.** A neuron with one input (a standalone BatchNorm, ``D = 1``)
+has ``w^T a = 1`` for every estimator, so its signal is ``a y = x``, its distractor 0 and
+``rho`` undefined, as for the identity estimator. :func:`layer_quality` skips such
+layers (they are named in :attr:`QualityResult.skipped` and under its table) and refuses
+them where ``layers=`` names them (docs/math.md, section 4.5).
+
+Memory: the shared moment is ``G x D x D`` float64 per layer (``D`` the patch size of a
+group): about 5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3
+convolution. Groups make it ``G`` times smaller than the same layer without groups
+(``G D^2 = (G D)^2 / G``): 21 MB for a ResNeXt 3 x 3 convolution of 32 groups of 32
+channels (``D = 288``), 0.6 MB for MobileNetV2's 960-channel depthwise convolution
+(``D = 9``). Per neuron the sums are ``J x D``; a batch is unfolded in pieces of
+:data:`PATCH_CHUNK_ELEMENTS` numbers; the closed form holds up to four copies of the
+shared moment. Use ``layers=`` to measure a subset and ``device=`` to compute on a GPU;
+``benchmarks/layer_quality.py`` times a model.
 
 ``layer_quality(..., regime="active")`` measures each neuron only over the samples where
 it is active (``z > 0``), from per-neuron active moments (:class:`ActiveLayerMoments`,
@@ -891,8 +909,9 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
     """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer
     (with :func:`toolkit.streaming.stream`).
 
-    Returns the plan of the measured layers and their moments. See :func:`layer_quality`
-    for the parameters. ``accumulator(layer, device)``, if given, builds a layer's
+    Returns the plan of the measured layers and their moments (of every layer named,
+    also one of a single input per neuron, which :func:`layer_quality` skips). See
+    :func:`layer_quality` for the parameters. ``accumulator(layer, device)``, if given, builds a layer's
     accumulator instead (anything with ``update(layer, x, z)`` and ``all_reduce()``, e.g.
     :class:`ActiveLayerMoments`).
     """
@@ -963,7 +982,11 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
                   batch_size: int = 64, regime: str = "all", neurons=None,
                   mask: str | None = None) -> QualityResult:
-    """Measure ``rho(S)`` of signal estimators for every Conv2d/Linear layer of ``model``.
+    """Measure ``rho(S)`` of signal estimators for every neuron layer of ``model``.
+
+    A layer whose neurons have one input each (a standalone BatchNorm) has no quality
+    (:data:`ONE_INPUT`): it is skipped, streamed at no cost and named in the result's
+    ``skipped``; naming it in ``layers`` raises :class:`UndefinedQualityError`.
 
     Parameters
     ----------
@@ -983,7 +1006,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         Any of :data:`toolkit.estimators.MEASURABLE`. ``"identity"`` raises
         :class:`toolkit.linear.UndefinedQualityError` (its distractor is 0).
     layers : sequence of str, optional
-        Names of the layers to measure (default all); the others cost nothing.
+        Names of the layers to measure (default all but the skipped ones); the others
+        cost nothing.
     device : torch.device or str, optional
         Where to compute (default: the model's device; otherwise a copy of the model is
         moved there).
@@ -1025,6 +1049,12 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     Returns
     -------
     QualityResult, or a dict of them for a mapping of patterns
+
+    Raises
+    ------
+    UndefinedQualityError
+        For the identity estimator, and for a layer of one input per neuron named in
+        ``layers``.
 
     Warns
     -----
