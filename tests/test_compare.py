@@ -309,7 +309,8 @@ def test_regime_table_and_mean_y(net, patterns, images):
     assert lines[3].split()[-1] == ("yes" if m["two_component"] > m["linear"] else "no")
     with pytest.raises(ValueError, match="different regimes"):
         merge_quality(everything, active)
-    masked = compare.with_mean_y(net, patterns, "masked", images)
-    assert masked.mean_y == "masked"
-    torch.testing.assert_close(masked["0"].linear, patterns["0"].linear)
-    assert not torch.allclose(masked["0"].positive, patterns["0"].positive)
+    assert patterns.mean_y == "masked"  # the default
+    authors = compare.with_mean_y(net, patterns, "global", images)
+    assert authors.mean_y == "global"
+    torch.testing.assert_close(authors["0"].linear, patterns["0"].linear)
+    assert not torch.allclose(authors["0"].positive, patterns["0"].positive)

@@ -601,9 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="save the statistics here every --checkpoint-every batches and resume from it "
                             "(under torchrun one file per process: ck.safetensors -> ck.rank0.safetensors, ...)")
     group.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N", help="batches between checkpoints (default: 100)")
-    group.add_argument("--mean-y", choices=("global", "masked"), default="global",
-                       help="E[y] of the two-component patterns: over all samples (authors' code, the default) "
-                            "or over the component's samples")
+    group.add_argument("--mean-y", choices=("masked", "global"), default="masked",
+                       help="E[y] of the two-component patterns: over the component's own samples (the "
+                            "default; unchanged by a constant input shift) or over all samples (the "
+                            "paper's formula and the authors' code)")
     group.add_argument("--mask", choices=MASK_CHOICES, default=None, help=MASK_HELP)
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                        help="dtype of the model's forward pass (default: float32; float64 is exact and slower)")

@@ -8,8 +8,9 @@ convolution: every receptive-field patch), its output is ``y = w^T x`` without t
 bias, and it is active where the layer output with the bias is positive.
 
 Sums do not depend on how the data is cut into batches, can be checkpointed and resumed,
-and add up across processes (``torch.distributed``). ``mean_y="global"`` (default, the
-authors' code) or ``"masked"`` (the seminar text) chooses the mean of ``y`` in the
+and add up across processes (``torch.distributed``). ``mean_y="masked"`` (default: the
+mean over the component's own samples, the seminar text) or ``"global"`` (the mean over
+all samples, the paper's formula and the authors' code) chooses the mean of ``y`` in the
 two-component patterns. No pattern is ever NaN: never-active neurons and zero
 denominators have defined fallbacks, counted by :meth:`Patterns.report`.
 :class:`Patterns` saves and loads the result and refuses patterns of another model.
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.layers import Layer, Plan
+from toolkit.linear import DEFAULT_MEAN_Y, MEAN_Y_CONVENTIONS
 from toolkit.precision import tf32
 from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
 
@@ -51,7 +53,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "2"
-MEAN_Y_CONVENTIONS = ("global", "masked")
 
 
 # ----------------------------------------------------------------------------------
@@ -500,14 +501,17 @@ def _sides(t: dict, groups: Sequence[str]) -> dict[str, _Side]:
     return sides
 
 
-def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor, vanishing: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
     """``C / (w^T C)`` of one side, with the unnormalised covariance
 
         C = sum_c x (y - m) = sum_c x~ y~ + mu cover_y - m~ (sum_c x~ + mu cover)
 
     (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 3.2),
-    written in one allocation and a few in-place passes. Returns the pattern and the
-    zero-denominator mask.
+    written in one allocation and a few in-place passes. ``vanishing`` marks the rows
+    whose ``C`` is exactly 0 by construction (a covariance around the side's own mean of
+    ``y`` over one sample), set to 0 instead of the rounding noise of the sums. Returns
+    the pattern and the zero-denominator mask.
     """
     j = w.shape[0]
     col = (j, *([1] * (side.xy[0][1].dim() - 1)))
@@ -520,6 +524,8 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
     for sign, t in side.x:
         c.addcmul_(t, m, value=-sign)
     c.addcmul_(side.cover * m, mu, value=-1)
+    if vanishing is not None:
+        c[vanishing] = 0
     rows = c.reshape(j, -1)
     w2 = w.reshape(j, -1)
     denominator = _row_dots(w2, rows)
@@ -528,7 +534,7 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
     return c.mul_(scale.reshape(col)), zero
 
 
-def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
+def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_MEAN_Y
                       ) -> tuple[LayerPatterns, dict[str, int]]:
     """Compute a layer's patterns from its statistics (docs/math.md, section 3).
 
@@ -537,9 +543,10 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
     stats : Statistics
     weight : Tensor
         The layer's folded weight ``W``.
-    mean_y : {"global", "masked"}
-        Which mean of ``y`` the two-component covariances subtract: the mean over all
-        samples (the authors' code) or over the samples of the component (the seminar).
+    mean_y : {"masked", "global"}
+        Which mean of ``y`` the two-component covariances subtract: the mean over the
+        samples of the component (the default, the seminar text) or over all samples
+        (the paper's formula and the authors' code).
 
     Returns
     -------
@@ -563,9 +570,9 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
     result, zeros = {}, {}
     for kind in s.kinds:
         side = sides[kind_side[kind]]
-        m = m_global if kind == "linear" or mean_y == "global" else \
-            side.sum_y / side.count.clamp(min=1) * (side.count > 0)
-        result[kind], zero = _pattern(side, w, t["shift_x"], m)
+        own_mean = kind != "linear" and mean_y == "masked"
+        m = side.sum_y / side.count.clamp(min=1) * (side.count > 0) if own_mean else m_global
+        result[kind], zero = _pattern(side, w, t["shift_x"], m, (side.count == 1) if own_mean else None)
         zeros[kind] = zero & (side.count > 0)
     degenerate = torch.zeros(w.shape[0], dtype=torch.bool)
     for zero in zeros.values():
@@ -626,7 +633,7 @@ class Patterns:
     """
 
     def __init__(self, layers: dict[str, LayerPatterns], fingerprint: str,
-                 statistics: dict[str, Statistics] | None = None, mean_y: str = "global",
+                 statistics: dict[str, Statistics] | None = None, mean_y: str = DEFAULT_MEAN_Y,
                  counts: dict[str, dict] | None = None, mask: str | None = None):
         self.layers = dict(layers)
         for name, p in self.layers.items():
@@ -640,7 +647,7 @@ class Patterns:
     # -- construction --------------------------------------------------------------
     @classmethod
     def from_statistics(cls, plan: Plan, statistics: dict[str, Statistics], fingerprint: str,
-                        mean_y: str = "global") -> "Patterns":
+                        mean_y: str = DEFAULT_MEAN_Y) -> "Patterns":
         layers, counts = {}, {}
         for layer in plan:
             layers[layer.name], counts[layer.name] = estimate_patterns(
@@ -837,7 +844,7 @@ def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
 def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KINDS,
                  device=None, max_batches: int | None = None, progress: bool = True,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-                 mean_y: str = "global", compute_dtype=None, batch_size: int = 64,
+                 mean_y: str = DEFAULT_MEAN_Y, compute_dtype=None, batch_size: int = 64,
                  mask: str | None = None) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
 
@@ -870,8 +877,12 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         are read again, and compared by a running fingerprint); anything else is a
         :class:`toolkit.streaming.CheckpointMismatchError`. Under ``torch.distributed``
         each rank writes ``<stem>.rank<r><suffix>``.
-    mean_y : {"global", "masked"}
-        The E[y] convention of the two-component patterns (docs/math.md, section 3.3).
+    mean_y : {"masked", "global"}
+        The E[y] convention of the two-component patterns (docs/math.md, section 3.3):
+        ``"masked"`` (default, :data:`toolkit.linear.DEFAULT_MEAN_Y`) subtracts the mean of
+        ``y`` over the component's own samples, which keeps the patterns unchanged when a
+        constant is added to the inputs; ``"global"`` subtracts the mean over all samples,
+        as the paper's formula and the authors' code (iNNvestigate 1.0.9) do.
     compute_dtype : torch.dtype or "tf32", optional
         Dtype of the per-batch products; None (default) is the model's own dtype. The
         sums are float64 and the products run on shifted values, so float32 products
