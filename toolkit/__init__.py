@@ -32,6 +32,7 @@ _SUBMODULES = (
     "linear", "estimators", "layers", "streaming", "residual", "patterns", "precision", "methods",
     "quality", "perturbation", "experiment",
     "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "timeseries", "architectures", "intervals",
 )
 
 

@@ -1,0 +1,61 @@
+"""toolkit.intervals against independent references: SciPy's bootstrap, and the normal
+approximation of the mean's sampling distribution."""
+import numpy as np
+import pytest
+import torch
+
+from toolkit.intervals import Interval, bootstrap_difference, bootstrap_mean, ordering
+
+
+def test_agrees_with_scipys_percentile_bootstrap():
+    from scipy.stats import bootstrap
+
+    values = np.random.default_rng(0).exponential(size=200)
+    ours = bootstrap_mean(values, resamples=20_000)
+    theirs = bootstrap((values,), np.mean, n_resamples=20_000, method="percentile",
+                       random_state=np.random.default_rng(1)).confidence_interval
+    width = theirs.high - theirs.low
+    assert ours.estimate == pytest.approx(values.mean())
+    assert ours.low == pytest.approx(theirs.low, abs=0.03 * width)
+    assert ours.high == pytest.approx(theirs.high, abs=0.03 * width)
+
+
+def test_close_to_the_normal_approximation_for_many_images():
+    values = np.random.default_rng(1).normal(size=2000)
+    interval = bootstrap_mean(values, confidence=0.9)
+    half = 1.6449 * values.std(ddof=1) / np.sqrt(values.size)
+    assert interval.low == pytest.approx(values.mean() - half, abs=0.05 * half)
+    assert interval.high == pytest.approx(values.mean() + half, abs=0.05 * half)
+    assert interval.confidence == 0.9
+
+
+def test_seeded_and_paired():
+    rng = np.random.default_rng(2)
+    shared = rng.normal(size=100) * 5  # a large per-image effect both methods share
+    a, b = shared + 0.3 + 0.1 * rng.normal(size=100), shared + 0.1 * rng.normal(size=100)
+    assert bootstrap_mean(a, seed=3) == bootstrap_mean(a, seed=3)
+    assert bootstrap_mean(a, seed=3) != bootstrap_mean(a, seed=4)
+    difference = bootstrap_difference(a, b)
+    assert difference.excludes(0) and 0.25 < difference.low < difference.high < 0.35
+    # unpaired, the shared effect would hide the difference: the two means' intervals overlap
+    assert bootstrap_mean(a).low < bootstrap_mean(b).high
+    assert ordering(a, b, ("S_a+-", "S_a")) == "S_a+- > S_a"
+    assert ordering(b, a) == "A < B"
+    assert ordering(a, a + rng.normal(size=100) * 1e-3 - 5e-5) == "A ~ B"
+    assert bootstrap_mean(torch.tensor(a)).estimate == pytest.approx(a.mean())
+
+
+def test_interval_text_and_bad_input():
+    interval = Interval(0.12345, -0.00001, 0.2)
+    assert interval.format(3) == "0.123 [0.000, 0.200]" and str(interval) == interval.format()
+    assert not interval.excludes(0.0) and interval.excludes(0.3)
+    with pytest.raises(ValueError, match="one value per image"):
+        bootstrap_mean([1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_mean([1.0, np.nan])
+    with pytest.raises(ValueError, match="same images"):
+        bootstrap_difference([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_mean([1.0, 2.0], confidence=1.0)
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_mean([1.0, 2.0], resamples=10)
