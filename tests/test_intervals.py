@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.intervals import Interval, bootstrap_difference, bootstrap_mean, ordering
+from toolkit.intervals import Interval, bootstrap_difference, bootstrap_mean, ordering, verdict
 
 
 def test_agrees_with_scipys_percentile_bootstrap():
@@ -59,3 +59,19 @@ def test_interval_text_and_bad_input():
         bootstrap_mean([1.0, 2.0], confidence=1.0)
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_mean([1.0, 2.0], resamples=10)
+
+
+def test_verdict_of_a_claim():
+    rng = np.random.default_rng(5)
+    shared = rng.normal(size=150)
+    values = {"best": shared + 1.0 + 0.05 * rng.normal(size=150),
+              "middle": shared + 0.5 + 0.05 * rng.normal(size=150),
+              "twin": shared + 0.5 + 0.05 * rng.normal(size=150),
+              "worst": shared + 0.05 * rng.normal(size=150)}
+    assert verdict(values, ["best"], ["middle", "twin", "worst"]) == "holds"
+    assert verdict(values, ["middle", "twin"], ["worst"]) == "holds"
+    assert verdict(values, ["middle"], ["twin"]) == "undecided"
+    assert verdict(values, ["worst"], ["middle"]) == "fails"
+    assert verdict(values, ["middle"], ["twin", "best"]) == "fails"  # one opposite ordering is enough
+    with pytest.raises(ValueError, match="missing"):
+        verdict(values, ["best"], ["nowhere"])

@@ -9,7 +9,9 @@ an ordering only where the interval of the *difference* excludes zero:
 * :func:`bootstrap_difference` -- the same for ``a - b`` on the same images (a paired
   bootstrap: each resample draws images, and both methods are read on them);
 * :func:`ordering` -- ``"A > B"``, ``"A < B"`` or ``"A ~ B"`` (indistinguishable here)
-  from that interval.
+  from that interval;
+* :func:`verdict` -- whether a claim such as "S_a+- above every other estimator" holds,
+  fails, or is undecided on these images.
 
 NumPy only; per-image values from torch (``PerturbationResult.per_image_aopc``) are
 converted.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_mean", "bootstrap_difference", "ordering"]
+__all__ = ["Interval", "bootstrap_mean", "bootstrap_difference", "ordering", "verdict", "VERDICTS"]
 
 #: Resamples per interval: enough for the 2.5 % and 97.5 % percentiles to be stable to
 #: about a hundredth of the interval's width.
@@ -124,3 +126,36 @@ def ordering(a, b, names: tuple[str, str] = ("A", "B"), **options) -> str:
     if not difference.excludes(0.0):
         return f"{names[0]} ~ {names[1]}"
     return f"{names[0]} {'>' if difference.estimate > 0 else '<'} {names[1]}"
+
+
+#: The answers of :func:`verdict`.
+VERDICTS = ("holds", "fails", "undecided")
+
+
+def verdict(values, above, below, **options) -> str:
+    """Whether every method of ``above`` scores higher than every method of ``below``.
+
+    Parameters
+    ----------
+    values : mapping name -> per-image values
+        Measured on the same images, in the same order.
+    above, below : sequence of str
+        Names of ``values``.
+    **options
+        As for :func:`bootstrap_difference`.
+
+    Returns
+    -------
+    str
+        ``"holds"`` where the interval of every difference ``above - below`` lies above
+        zero; ``"fails"`` where at least one lies below zero (the opposite ordering is
+        shown); ``"undecided"`` otherwise.
+    """
+    missing = [name for name in (*above, *below) if name not in values]
+    if missing or not above or not below:
+        raise ValueError(f"above and below must name values; missing {missing}" if missing
+                         else "above and below must each name at least one method")
+    differences = [bootstrap_difference(values[a], values[b], **options) for a in above for b in below]
+    if any(d.high < 0 for d in differences):
+        return "fails"
+    return "holds" if all(d.low > 0 for d in differences) else "undecided"

@@ -280,8 +280,8 @@ def _smooth_time_courses(rng, shape, sampling_rate: float, cutoff: float) -> np.
     return low_pass(rng.standard_normal(shape)) / np.sqrt(np.sum(low_pass(impulse) ** 2))
 
 
-def make_recordings(n: int, seed=None, *, times: int = 128, min_amplitude: float = 0.5,
-                    max_amplitude: float = 1.0, oscillation_scale: float = 2.0,
+def make_recordings(n: int, seed=None, *, times: int = 128, min_amplitude: float = 0.3,
+                    max_amplitude: float = 0.7, oscillation_scale: float = 2.0,
                     oscillation_band: tuple[float, float] = (1.0, 4.0),
                     background_sources: int = 20, background_scale: float = 0.2,
                     noise_scale: float = 0.5, signal_source=_SIGNAL_SOURCE,
