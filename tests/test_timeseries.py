@@ -185,3 +185,47 @@ def test_the_linear_pattern_recovers_the_signal_and_the_filter_does_not():
     assert energy[occipital].sum() > 0.2 * energy.sum()  # the filter works on the oscillation's channels
     signal_energy = (truth.reshape(16, -1) ** 2).sum(1)
     assert signal_energy[occipital].sum() < 0.02 * signal_energy.sum()  # where there is no signal
+
+
+# ----------------------------------------------------------------------------------
+# the figures
+# ----------------------------------------------------------------------------------
+def test_topography_reproduces_a_linear_field_inside_the_head():
+    """A thin-plate spline reproduces an affine field exactly: the map of values x + 2y at
+    the electrodes is x + 2y at every grid point inside the head, and blank outside."""
+    from toolkit.plotting.timeseries import HEAD_RADIUS, topography
+
+    _, positions, _ = electrode_positions()
+    image = topography(positions[:, 0] + 2 * positions[:, 1], positions, resolution=41)
+    surface = np.ma.getdata(image.get_array()).astype(float)
+    grid = np.linspace(-HEAD_RADIUS, HEAD_RADIUS, 41)
+    gx, gy = np.meshgrid(grid, grid)
+    inside = gx ** 2 + gy ** 2 <= HEAD_RADIUS ** 2
+    np.testing.assert_allclose(surface[inside], (gx + 2 * gy)[inside], atol=1e-6)
+    assert np.isnan(surface[~inside]).all()
+    limit = np.abs(positions[:, 0] + 2 * positions[:, 1]).max()
+    assert image.get_clim() == pytest.approx((-limit, limit))
+    with pytest.raises(ValueError, match="positions"):
+        topography(np.zeros(16), positions[:5])
+
+
+def test_channel_time_images_and_grids(recordings):
+    from toolkit.plotting.timeseries import channel_time_grid, channel_time_image, maps_and_topographies
+
+    r = recordings
+    image = channel_time_image(r.signal[0], r.times, r.channels)
+    np.testing.assert_array_equal(image.get_array(), r.signal[0])
+    assert image.get_clim() == pytest.approx((-np.abs(r.signal[0]).max(), np.abs(r.signal[0]).max()))
+    assert [t.get_text() for t in image.axes.get_yticklabels()] == list(r.channels)
+    with pytest.raises(ValueError, match="16 channels x 128 times"):
+        channel_time_image(r.signal[0, :, :64], r.times, r.channels)
+    figure = maps_and_topographies({"a": r.signal_map, "b": -r.signal_map}, r.times, r.channels, r.positions, at=0.35)
+    assert len(figure.axes) == 4
+    marked = figure.axes[0].get_lines()[0].get_xdata()[0]  # the moment of the topographies
+    assert marked == pytest.approx(r.times[np.argmin(np.abs(r.times - 0.35))])
+    grid = channel_time_grid({"x": r.data[:2], "s": channel_maps(r.signal[:2])}, r.times, r.channels,
+                             row_labels=["one", "two"])
+    assert len(grid.axes) == 4 and grid.axes[0].get_ylabel() == "one"
+    np.testing.assert_array_equal(grid.axes[3].images[0].get_array(), r.signal[1])
+    with pytest.raises(ValueError, match="row labels"):
+        channel_time_grid({"x": r.data[:2]}, r.times, r.channels, row_labels=["one"])
