@@ -203,8 +203,9 @@ def channel_time_grid(columns: Mapping[str, object], times: Sequence[float], cha
 
     Parameters
     ----------
-    columns : dict name -> array or tensor (N, channels, times) (or (N, 1, channels, times),
-        or (N, channels, 1, times))
+    columns : dict name -> array or tensor, (N, channels, times)
+        One entry per column; ``(N, 1, channels, times)`` and ``(N, channels, 1, times)``
+        are read alike.
     times, channels
         As for :func:`channel_time_image`.
     titles : dict name -> str, optional
