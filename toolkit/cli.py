@@ -516,10 +516,10 @@ WEIGHTS_HELP = ("torchvision models: DEFAULT (pretrained, from torch's cache or 
                 "another weight name (IMAGENET1K_V1), 'random', or a FILE (torch.save state dict or "
                 "safetensors); factories and model files: a FILE to load into the model "
                 "(default: DEFAULT)")
-MASK_CHOICES = ("output", "relu_input")  # toolkit.residual.MASKS, without importing torch here
-MASK_HELP = ("activity mask of a layer not followed directly by a ReLU (residual blocks): its own "
-             "output > 0, or the input of the ReLU after the addition (default: "
-             "toolkit.residual.DEFAULT_MASK)")
+MASK_CHOICES = ("output", "relu_input")  # toolkit.layers.MASKS, without importing torch here
+MASK_HELP = ("activity mask of a layer not followed directly by its ReLU (residual blocks, "
+             "concatenations): its own output > 0, or the ReLU's rule on its input after the "
+             "addition or concatenation (relu_input, the default: toolkit.layers.DEFAULT_MASK)")
 DATA_HELP = ("an image folder (ImageNet root with train/ and val/, one folder per class, or a flat "
              "folder of JPEG/PNG with an optional label file) or a tensor file (.pt, .npz) of model inputs")
 

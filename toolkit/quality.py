@@ -213,7 +213,7 @@ class LayerMoments:
 
         ``y = w^T x`` is recomputed in float64 from the patches (the model's own output
         may be float32); the activity mask is ``z > 0`` as in fitting, or ``active``
-        (bool, shaped like ``z``) when given (:mod:`toolkit.residual`).
+        (bool, shaped like ``z``) when given (:mod:`toolkit.layers.activity`).
         """
         z = z if active is None else active.to(z.dtype)   # only its sign is used below
         w = _rows(layer.weight()).to(self.sum_xx.device)
@@ -916,8 +916,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         raises ``ValueError``: choose fewer neurons there.
     mask : {"output", "relu_input"}, optional
         The activity mask of a layer not followed directly by a ReLU (residual
-        networks, :mod:`toolkit.residual`); default: the mask the patterns were fitted
-        with, else :data:`toolkit.residual.DEFAULT_MASK`.
+        networks, :mod:`toolkit.layers.activity`); default: the mask the patterns were fitted
+        with, else :data:`toolkit.layers.DEFAULT_MASK`.
 
     Returns
     -------
