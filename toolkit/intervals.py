@@ -1,11 +1,12 @@
-"""Bootstrap intervals over images, and orderings claimed only where they hold.
+"""Orderings over images, claimed only where a bootstrap interval says they hold.
 
 A table of AOPC or of ground-truth scores gives one mean per method, over a few hundred
 images; two methods whose means differ by 0.01 may or may not differ. The course claims
 an ordering only where the interval of the *difference* excludes zero:
 
-* :func:`bootstrap_mean` -- the mean of per-image values with a percentile bootstrap
-  interval (images drawn with replacement, a seeded generator);
+* :func:`bootstrap_mean` -- the mean of per-image values with its percentile bootstrap
+  interval (:func:`toolkit.similarity.mean_interval`: images drawn with replacement, a
+  seeded generator), as an :class:`Interval`;
 * :func:`bootstrap_difference` -- the same for ``a - b`` on the same images (a paired
   bootstrap: each resample draws images, and both methods are read on them);
 * :func:`ordering` -- ``"A > B"``, ``"A < B"`` or ``"A ~ B"`` (indistinguishable here)
@@ -13,8 +14,8 @@ an ordering only where the interval of the *difference* excludes zero:
 * :func:`verdict` -- whether a claim such as "S_a+- above every other estimator" holds,
   fails, or is undecided on these images.
 
-NumPy only; per-image values from torch (``PerturbationResult.per_image_aopc``) are
-converted.
+Per-image values from torch (``PerturbationResult.per_image_aopc``) are converted; NaN or
+Inf values are refused, not dropped.
 """
 from __future__ import annotations
 
@@ -90,19 +91,15 @@ def bootstrap_mean(values, confidence: float = 0.95, resamples: int = RESAMPLES,
     -------
     Interval
     """
+    from toolkit.similarity import mean_interval
+
     v = _per_image(values, "values")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
     if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 100:
         raise ValueError(f"resamples must be an integer >= 100, not {resamples!r}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 500):  # at most 500 x n indices at a time
-        count = min(500, resamples - start)
-        means[start:start + count] = v[rng.integers(0, v.size, (count, v.size))].mean(1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(float(v.mean()), float(low), float(high), confidence)
+    mean, low, high, _ = mean_interval(v, n_resamples=int(resamples), confidence_level=confidence, seed=seed)
+    return Interval(mean, low, high, confidence)
 
 
 def bootstrap_difference(a, b, confidence: float = 0.95, resamples: int = RESAMPLES,
