@@ -32,6 +32,7 @@ _SUBMODULES = (
     "linear", "estimators", "layers", "rules", "streaming", "patterns", "precision", "methods",
     "quality", "perturbation", "experiment", "sanity", "similarity", "convention", "interop",
     "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "timeseries", "architectures", "intervals",
 )
 
 
