@@ -118,7 +118,7 @@ NOT_BUILT = {
     "SignalJEPA": "torch.fx cannot trace it (expand with a traced batch size); a transformer",
     "SignalJEPA_Contextual": "torch.fx cannot trace it (expand with a traced batch size); a transformer",
     "VEMG2Pose": "torch.fx cannot trace it (round() of a traced length); needs 1790 samples of context",
-    "MetaNeuromotorHand": "needs EMG windows of thousands of samples; SiLU and LayerNorm",
+    "MetaNeuromotorHand": "its forward fails on the EMG window lengths tried (up to 8000 samples)",
 }
 
 BASE = dict(n_chans=4, n_outputs=2, n_times=256, sfreq=128)
