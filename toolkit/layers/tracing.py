@@ -14,7 +14,10 @@ Modules the toolkit knows stay single calls in the graph: neuron layers
 and the passive modules of :data:`PASSIVE_MODULES`. Any other module of ``torch.nn``
 is refused by its type (SiLU, GELU, LayerNorm, attention ...), naming it; a module of
 any other library (braindecode's ``Ensure4d``, einops' ``Rearrange``, the user's own
-blocks) is traced into and judged by the operations it performs.
+blocks) is traced into and judged by the operations it performs, and so are einops'
+functions (``rearrange``). A layer with a parametrized weight
+(``torch.nn.utils.parametrize``) is a layer like any other: its adapter reads the weight
+the forward pass computes.
 
 The result, :class:`ModelGraph`, says for every node what it is (a layer, an
 activation, an allowed operation), which nodes carry the input's signal, and which of
