@@ -52,6 +52,8 @@ nb_output_stderr = "show"
 # would repeat every method that autodoc already documents.
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
+# torch.autograd.Function.forward/backward docstrings cite labels of the PyTorch docs: not ours.
+autodoc_inherit_docstrings = False
 autosummary_generate = False
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
