@@ -30,8 +30,8 @@ _LAZY = {
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
     "linear", "estimators", "layers", "streaming", "residual", "patterns", "precision", "methods",
-    "quality", "perturbation", "experiment",
-    "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "quality", "perturbation", "uncertainty", "conservation", "experiment",
+    "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "course", "cli",
 )
 
 

@@ -86,6 +86,35 @@ class PerturbationResult:
     def images(self) -> int:
         return self.per_image.shape[0]
 
+    def aopc_interval(self, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0):
+        """The AOPC with a bootstrap interval over the images
+        (:func:`toolkit.uncertainty.mean_interval` of :attr:`per_image_aopc`)."""
+        from toolkit.uncertainty import mean_interval
+
+        return mean_interval(self.per_image_aopc, confidence, n_resamples, seed)
+
+    def aopc_difference(self, other: "PerturbationResult", confidence: float = 0.95,
+                        n_resamples: int = 2000, seed: int = 0):
+        """``self.aopc - other.aopc`` with the bootstrap interval of the paired difference
+        (:func:`toolkit.uncertainty.difference_interval`): both must have perturbed the
+        same images, explaining the same classes.
+
+        Raises
+        ------
+        ValueError
+            If the two results do not come from the same images (their number, the
+            predicted classes or the unperturbed probabilities differ).
+        """
+        from toolkit.uncertainty import difference_interval
+
+        same = (self.images == other.images and torch.equal(self.predicted, other.predicted)
+                and torch.allclose(self.per_image[:, 0], other.per_image[:, 0]))
+        if not same:
+            raise ValueError("the two perturbation results were not measured on the same images "
+                             "(a paired difference needs the same images in the same order)")
+        return difference_interval(self.per_image_aopc, other.per_image_aopc, confidence,
+                                   n_resamples, seed)
+
     def __str__(self) -> str:
         orderings = f", {self.repeats} orderings per image" if self.order == "random" else ""
         return (f"region perturbation ({self.order}{orderings}; {self.patch}x{self.patch} regions "
