@@ -42,15 +42,19 @@ command line's ``--mask``). A model that :mod:`torch.fx` cannot trace falls back
 
 What an addition means for the methods
 --------------------------------------
-An addition ``u = z + identity`` is linear with weight 1 on each input, so every
+An addition ``u = z + identity`` is linear with weight 1 on each input, and every
 backward rule passes the signal unchanged to both branches -- what autograd does.
-For PatternNet the signal that reaches the block input is the sum of the signal
-reconstructed through the branch (``A^T`` of its layers) and the signal passed along
-the shortcut: the shortcut is an identity map, whose own pattern is the identity. For
-PatternAttribution (deep Taylor decomposition with the root point ``x - S_a+(x)``)
-the relevance of ``u`` splits into the relevance of the branch and that of the
-shortcut, and the z-rule of LRP splits it in proportion to the two summands, which
-keeps LRP-z equal to input times gradient.
+For Gradient, DeconvNet and Guided Backprop that is the adjoint of the addition. For
+LRP-z, computed as input times gradient, it is the z-rule: ``z g + s g = u g``, the
+relevance of ``u`` splits in proportion to the summands and is conserved. For
+PatternNet and PatternAttribution it amounts to the "pattern" ``(1, 1)`` of the
+addition, which is no pattern (``w^T a = 2``, not 1): PatternNet adds the signal
+reconstructed through the branch to the whole signal passed down the shortcut, and
+PatternAttribution hands back twice the relevance that reached the addition. Deep
+Taylor decomposition with PatternAttribution's root point asks instead for the split
+``R_z = a_z R_u``, ``R_s = a_s R_u`` with the addition's own pattern
+(``a_z + a_s = 1``). docs/math.md, section 6.1, gives the argument and the measurement;
+tests/test_conservation.py holds the toolkit to the rule it applies.
 
 How it is found
 ---------------
