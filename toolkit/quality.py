@@ -24,6 +24,14 @@ Memory: the shared moment is ``D x D`` float64 per layer (``D`` the patch size):
 the closed form holds up to four such matrices. Use ``layers=`` to measure a subset and
 ``device=`` to compute on a GPU; ``benchmarks/layer_quality.py`` times a model.
 
+``layer_quality(..., intervals="split_half")`` (or ``"bootstrap"``) also gives every layer
+mean an interval, from moments kept per block of images (:class:`BlockMoments`):
+:meth:`QualityResult.interval` and, for rankings, :meth:`QualityResult.difference`. The
+split-half estimate evaluates ``rho`` on random halves of the blocks (twenty evaluations
+per layer); the bootstrap resamples the blocks (some hundred evaluations), and since a
+resample with repeated images acts like fewer samples, its ``rho`` is biased low and its
+interval lies below the estimate.
+
 ``layer_quality(..., regime="active")`` measures each neuron only over the samples where
 it is active (``z > 0``), from per-neuron active moments (:class:`ActiveLayerMoments`,
 ``K x D x D`` for ``K`` measured neurons; ``neurons=`` measures a reproducible subset of
