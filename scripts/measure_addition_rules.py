@@ -24,12 +24,12 @@ import torch
 from torch.nn import functional as F
 
 from toolkit.data import load_fashion_mnist
+from toolkit.intervals import bootstrap_difference
 from toolkit.layers import trace
 from toolkit.methods import LRPZ, PatternAttribution
 from toolkit.models import load_fashion_resnet
 from toolkit.patterns import fit_patterns
 from toolkit.perturbation import region_perturbation
-from toolkit.uncertainty import difference_interval
 
 BLOCKS = ("layer1", "layer2", "layer3")
 RULES = ("adjoint", "pattern", "z")
@@ -157,7 +157,7 @@ def main():
     for name, result in aopc.items():
         print(f"AOPC {name:8s} {result.aopc_interval()}")
     for a, b in (("pattern", "adjoint"), ("z", "adjoint"), ("lrp_z", "pattern"), ("lrp_z", "adjoint")):
-        print(f"AOPC {a} - {b}: {difference_interval(aopc[a].per_image_aopc, aopc[b].per_image_aopc)}")
+        print(f"AOPC {a} - {b}: {bootstrap_difference(aopc[a].per_image_aopc, aopc[b].per_image_aopc)}")
 
 
 if __name__ == "__main__":

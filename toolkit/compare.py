@@ -421,11 +421,11 @@ def estimator_orderings(results: Mapping[str, object], intervals: bool = False) 
 def aopc_ordering(results: Mapping[str, object], titles: Mapping[str, str] | None = None) -> str:
     """The methods ranked by AOPC, ``>`` only where the paired bootstrap interval of two
     neighbours' difference excludes 0 and ``~`` (indistinguishable here) otherwise
-    (:func:`toolkit.uncertainty.ordering`)."""
-    from toolkit.uncertainty import format_ordering, ordering
+    (:func:`toolkit.intervals.ranking`)."""
+    from toolkit.intervals import format_ranking, ranking
 
     titles = dict(TITLES) | _EXTRA_TITLES | dict(titles or {})
-    return format_ordering(ordering({name: r.per_image_aopc for name, r in results.items()}), titles)
+    return format_ranking(ranking({name: r.per_image_aopc for name, r in results.items()}), titles)
 
 
 def perturbation_table(results: Mapping[str, object], at: Sequence[int] = (5, 10),
@@ -506,25 +506,25 @@ class ScoreTable:
 
     def interval(self, method: str, score: str):
         """The mean of ``score`` for ``method`` with its bootstrap interval over the images
-        (:func:`toolkit.uncertainty.mean_interval`)."""
-        from toolkit.uncertainty import mean_interval
+        (:func:`toolkit.intervals.bootstrap_mean`)."""
+        from toolkit.intervals import bootstrap_mean
 
-        return mean_interval(self._values(method, score))
+        return bootstrap_mean(self._values(method, score))
 
     def difference(self, score: str, a: str, b: str):
         """``mean(a) - mean(b)`` of ``score`` with the bootstrap interval of the paired
-        difference over the images (:func:`toolkit.uncertainty.difference_interval`)."""
-        from toolkit.uncertainty import difference_interval
+        difference over the images (:func:`toolkit.intervals.bootstrap_difference`)."""
+        from toolkit.intervals import bootstrap_difference
 
-        return difference_interval(self._values(a, score), self._values(b, score))
+        return bootstrap_difference(self._values(a, score), self._values(b, score))
 
     def ordering(self, score: str, methods: Sequence[str] | None = None) -> str:
         """The methods ranked by ``score``, ``>`` only where the paired interval of two
         neighbours' difference excludes 0, ``~`` (indistinguishable here) otherwise."""
-        from toolkit.uncertainty import format_ordering, ordering
+        from toolkit.intervals import format_ranking, ranking
 
         names = [m for m in (methods or self.methods) if score in self.per_image[m]]
-        return format_ordering(ordering({m: self._values(m, score) for m in names}), self.titles)
+        return format_ranking(ranking({m: self._values(m, score) for m in names}), self.titles)
 
     def _values(self, method: str, score: str) -> np.ndarray:
         if method not in self.per_image:

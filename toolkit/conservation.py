@@ -17,9 +17,9 @@ for the residual blocks of a network, per image, with any explainer of
   ReLU (the relevance of the sum ``u`` that the addition splits); ``leaving``: at the
   block's input, where the branch and the shortcut have added up.
 
-The measurement hooks the block's input and output (forward hooks and an identity
-autograd function that records the backward signal); the explainer, the model and the
-result of ``attribute`` are unchanged.
+The measurement watches the traced graph's nodes at the block's input and output
+(:func:`toolkit.layers.runner.watching` and an identity autograd function that records the
+backward signal); the explainer, the model and the result of ``attribute`` are unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BlockRelevance", "block_relevance"]
+__all__ = ["BlockRelevance", "block_relevance", "residual_blocks"]
 
 
 @dataclass
@@ -112,28 +112,31 @@ def block_relevance(explainer, inputs: Tensor, blocks: Sequence[str], target=Non
     ValueError
         For a name that is not a residual block of the model.
     """
-    from toolkit.layers import trace
+    from toolkit.layers.runner import watching
 
     model = explainer.model
-    residual = trace(model, inputs[:1]).residual_modules
-    modules = dict(model.named_modules())
-    wrong = [name for name in blocks if name not in modules or name not in residual]
+    residual = residual_blocks(model, inputs[:1])
+    wrong = [name for name in blocks if name not in residual]
     if wrong:
         raise ValueError(f"{wrong} are not residual blocks of {type(model).__name__}; its blocks are "
                          f"{[m for m in residual if m]}")
-    explainer.attribute(inputs[:1], target if target is None or isinstance(target, int) else target[:1])
+    ends = _block_ends(model, inputs[:1], blocks)
     store: dict[str, list] = {}
-    handles = []
-    for name in blocks:  # registered before the explainer's own hooks, so they run first
-        handles.append(modules[name].register_forward_pre_hook(
-            lambda module, args, name=name: (_Record.apply(args[0], store, name + ".input"), *args[1:])))
-        handles.append(modules[name].register_forward_hook(
-            lambda module, args, output, name=name: _Record.apply(output, store, name + ".output")))
-    try:
+    callbacks: dict[str, list] = {}
+    for name in blocks:
+        start, end = ends[name]  # the output before its rescaling: the block's own unit
+        callbacks.setdefault(start, []).append(f"{name}.input")
+        callbacks.setdefault(end + ":before", []).append(f"{name}.output")
+
+    def recorder(keys):
+        def record(value):
+            for key in keys:
+                value = _Record.apply(value, store, key)
+            return value
+        return record
+
+    with watching({node: recorder(keys) for node, keys in callbacks.items()}):
         explainer.attribute(inputs, target)
-    finally:
-        for handle in handles:
-            handle.remove()
 
     def total(values: Tensor, signal: Tensor) -> Tensor:
         return explainer.finish(values, signal).flatten(1).sum(1).detach()
@@ -146,3 +149,41 @@ def block_relevance(explainer, inputs: Tensor, blocks: Sequence[str], target=Non
                                       at_addition=total(out, g_out * (out > 0)),
                                       leaving=total(x, g_in))
     return result
+
+
+def residual_blocks(model, example: Tensor) -> list[str]:
+    """The modules of ``model`` whose own forward adds two tensors that carry the input's
+    signal (a residual block; ``""`` for the model itself), in forward order."""
+    from toolkit.layers import operations, trace
+
+    graph = trace(model, example).graph
+    if graph is None:
+        return []
+    found = []
+    for name, node in graph.nodes.items():
+        if name in graph.signal and operations.category(node) == "addition":
+            joined = [a for a in node.all_input_nodes if a.name in graph.signal]
+            if len(joined) == 2 and operations.owner(node) not in found:
+                found.append(operations.owner(node))
+    return found
+
+
+def _block_ends(model, example: Tensor, blocks) -> dict[str, tuple[str, str]]:
+    """Per block, the graph node that enters it (its input) and its last node (its output)."""
+    from toolkit.layers import operations, trace
+
+    graph = trace(model, example).graph
+    order = list(graph.nodes)
+    ends = {}
+    for block in blocks:
+        def inside(node, block=block):
+            owner = operations.owner(node)
+            return node.op not in ("placeholder", "get_attr", "output") and (
+                owner == block or owner.startswith(block + ".") or block == "")
+        owned = [graph.nodes[n] for n in order if inside(graph.nodes[n])]
+        entering = {a.name for node in owned for a in node.all_input_nodes
+                    if not inside(a) and a.name in graph.signal}
+        if len(entering) != 1:
+            raise ValueError(f"block {block!r} does not have one input ({sorted(entering)})")
+        ends[block] = (entering.pop(), owned[-1].name)
+    return ends

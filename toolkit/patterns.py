@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
-from toolkit.layers import Layer, Plan
+from toolkit.layers import Layer, Plan, per_neuron
 from toolkit.linear import DEFAULT_MEAN_Y, MEAN_Y_CONVENTIONS
 from toolkit.precision import tf32
 from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
@@ -90,9 +90,12 @@ class Statistics:
     """Running float64 sums of one layer; everything its patterns are computed from.
 
     The inputs are *shifted* by a reference ``shift_x`` (per input channel: the mean of
-    the first batch) and the outputs ``y = w^T x`` by ``shift_y`` (per neuron), so every
-    sum is of quantities near zero: no ``E[x y] - E[x] E[y]`` ever cancels, and the
-    per-batch products can run in float32 (docs/math.md, section 3.2). For a convolution
+    the first batch) and the outputs ``y = w^T x`` by a reference per neuron and side
+    (``shift_y`` over all samples, ``shift_y.y_pos`` over the active and ``shift_y.y_neg``
+    over the inactive ones: the first batch's means), so every sum is of quantities near
+    zero: no ``E[x y] - E[x] E[y]`` ever cancels, whether ``E[y]`` is taken over all samples
+    or over a side, and the per-batch products can run in float32 (docs/math.md,
+    section 3.2). For a convolution
     the zero padding makes the shifted patch differ from the shifted input's patch; the
     *cover* sums (the same products with an all-ones image) give the exact correction.
 
@@ -102,25 +105,36 @@ class Statistics:
     :func:`output_groups` and neuron: ``3 J`` for all three patterns, ``2 J`` for the
     positive one alone (the ``ones`` group, the plain input sums, needs no product).
 
-    Stored tensors (``W`` the weight shape, ``J = W[0]``, ``R`` a group's rows: 1 for
-    ``ones``, ``J`` otherwise)::
+    A layer whose neurons read groups of its input channels (a grouped or depthwise
+    convolution, a standalone BatchNorm: :mod:`toolkit.layers.adapters`) keeps the sums
+    of the input side (``shift_x``, ``x.ones``) once per group; the buffer of one batch
+    is laid out group by group, so that the grouped weight-gradient product reads each
+    group's channels.
+
+    Stored tensors (``W`` the weight shape, ``J = W[0]``, ``G`` the groups, ``R`` a
+    group's rows: ``G`` for ``ones``, ``J`` otherwise)::
 
         n             ()              samples seen (images x output positions)
-        shift_x       (1, C, 1, 1) or (1, D)
-        shift_y       (J,)
+        shift_x       (G, *W[1:])     per input channel, kernel positions broadcast
+        shift_y       (J,)            and shift_y.y_pos, shift_y.y_neg (J,) of the two sides
         sum_y         (J,)            sum of y - shift_y over all samples
-        x.<group>     (R, *W[1:])     sum of group value x (x - shift_x), patch by patch
-        cover.<group> (R, 1, kh, kw) or (R, 1): the same with an all-ones input
-        total.<group> (R,)            sum of the group value
+        x.<group>     (R, *W[1:])     sum of group value x (x - shift_x), patch by patch;
+                                      the value of y_pos is (y - shift_y.y_pos) on the
+                                      active samples, 0 elsewhere, and so on
+        cover.<group> (1 or J, 1, *kernel), (1 or J, 1) or (1 or J,): the same with an
+                                      all-ones input
+        total.<group> (1 or J,)       sum of the group value
     """
 
     def __init__(self, layer: Layer, kinds: Sequence[str] = KINDS, dtype=None,
-                 gather_rows: int = 1024):
+                 gather_rows: int = 1024, mean_y: str = DEFAULT_MEAN_Y):
         self.kinds = tuple(k for k in KINDS if k in kinds)
+        self.mean_y = mean_y
         self.groups = output_groups(self.kinds)
         self.dtype = dtype
         self.gather_rows = gather_rows
         self.weight_shape = tuple(layer.weight_shape)
+        self.input_groups = layer.groups
         self.tensors_: dict[str, Tensor] = {}
         self._rows: list[tuple[Tensor, Tensor]] = []
 
@@ -142,9 +156,11 @@ class Statistics:
     def from_tensors(cls, tensors: dict[str, Tensor], kinds: Sequence[str] = KINDS) -> "Statistics":
         """Statistics from the tensors of :meth:`tensors` (a file, a checkpoint)."""
         stats = cls.__new__(cls)
+        stats.mean_y = "masked" if "shift_y.y_pos" in tensors else "global"
         stats.kinds = tuple(k for k in KINDS if k in kinds)
         stats.groups, stats.dtype, stats.gather_rows = output_groups(stats.kinds), None, 1024
         stats.weight_shape = (tensors["sum_y"].shape[0], *tensors["x.ones"].shape[1:])
+        stats.input_groups = tensors["x.ones"].shape[0]
         stats.tensors_, stats._rows = dict(tensors), []
         return stats
 
@@ -165,20 +181,29 @@ class Statistics:
 
     def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x``, layer output ``z`` (bias included) and the
-        activity mask ``active`` (bool, shaped like ``z``; None: ``z > 0``; a residual
-        network's layers may take it from the ReLU after an addition, see
-        :mod:`toolkit.residual`)."""
+        activity mask ``active`` (bool, shaped like ``z``; None: ``z > 0``; a layer may
+        take it from the activation after an addition or a concatenation, see
+        :mod:`toolkit.layers.activity`)."""
         dtype = _product_dtype(self.dtype, x)
         x, z = x.detach(), z.detach()
         if not self.tensors_:
-            self._start(layer, x, z, dtype)
+            self._start(layer, x, z, dtype, active)
+        elif "shift_y.y_pos" in self.tensors_:
+            self._anchor_sides(layer, z, active, dtype)
         t = self.tensors_
-        x_shifted = x.to(dtype) - t["shift_x"].to(dtype)
-        offset = (layer.bias().double() + t["shift_y"]).to(dtype)
+        x_shifted = x.to(dtype) - layer.ops.along_channels(t["shift_x"].to(dtype), x)
+        bias = layer.bias().double()
+        offsets = {stat: (bias + self._shift(stat)).to(dtype) for stat in ("y_all", "y_pos", "y_neg")}
         with _tf32(self.dtype == "tf32"):
-            sum_y = self._add(layer.ops, x_shifted, z.to(dtype), offset, active)
+            sum_y = self._add(layer.ops, x_shifted, z.to(dtype), offsets, active)
         t["n"] += z.numel() // z.shape[layer.ops.neuron_dim]
         t["sum_y"] += sum_y
+
+    def _shift(self, group: str) -> Tensor:
+        """The shift of ``y`` a group's values use (files of an older version kept one
+        ``shift_y`` for every group)."""
+        t = self.tensors_
+        return t.get(f"shift_y.{group}", t["shift_y"]) if group != "y_all" else t["shift_y"]
 
     def flush(self) -> None:
         """Add the gathered rows of a Linear layer to the sums: one matrix product per
@@ -189,15 +214,16 @@ class Statistics:
         gs = torch.cat([r[1] for r in self._rows])
         self._rows = []
         with _tf32(self.dtype == "tf32"):
-            for group, part in self._buffer_slices().items():
-                self._accumulate(f"x.{group}", gs[:, part].T @ xs)
+            for group, sums in self._split(gs.T @ xs).items():
+                self._accumulate(f"x.{group}", sums)
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
         every rank's sums to rank 0's shifts (exactly)."""
         self.flush()
         t = self.tensors_
-        self.reshift(broadcast_from_rank_0(t["shift_x"].clone()), broadcast_from_rank_0(t["shift_y"].clone()))
+        shifts = {k: broadcast_from_rank_0(v.clone()) for k, v in t.items() if k.startswith("shift_y")}
+        self.reshift(broadcast_from_rank_0(t["shift_x"].clone()), shifts)
         sum_over_ranks(v for k, v in self.tensors_.items() if not k.startswith("shift"))
 
     def to(self, device) -> "Statistics":
@@ -205,94 +231,135 @@ class Statistics:
         return Statistics.from_tensors({k: v.to(device) for k, v in self.tensors_.items()}, self.kinds)
 
     # -- the sums of one batch -----------------------------------------------------
-    def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype) -> None:
+    def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype, active: Tensor | None) -> None:
         """Empty sums; the shifts are the first batch's means, rounded to the products'
         dtype so that the shifted values and the exact corrections use the same ones.
         The sums of the groups are made by the first batch (:meth:`_accumulate`)."""
         kw = dict(dtype=torch.float64, device=z.device)
-        offset = layer.ops.neuron_means(z).to(dtype).double()   # b + shift_y, exactly representable
+        bias = layer.bias().double()
+        mean = layer.ops.neuron_means(z).to(dtype).double()     # b + shift_y, exactly representable
         self.tensors_ = {"n": torch.zeros((), **kw),
                          "shift_x": layer.ops.input_shift(x).to(dtype).double(),
-                         "shift_y": offset - layer.bias().double(),
+                         "shift_y": mean - bias,
                          "sum_y": torch.zeros(self.weight_shape[0], **kw)}
+        if "active" in self.groups and self.mean_y == "masked":
+            for stat in ("y_pos", "y_neg"):
+                self.tensors_[f"shift_y.{stat}"] = mean - bias
+            self._anchor_sides(layer, z, active, dtype, torch.ones_like(mean, dtype=torch.bool))
 
-    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int, active: Tensor | None
-              ) -> Tensor | None:
+    def _anchor_sides(self, layer: Layer, z: Tensor, active: Tensor | None, dtype,
+                      empty: Tensor | None = None) -> None:
+        """Move the shift of each side of ``y`` to this batch's mean over that side, for
+        the neurons whose side has had no sample yet (their sums are all 0, so this is
+        exact): a rare side is then summed around its own values, not around the other
+        side's, and its covariance about its own mean (``mean_y="masked"``) does not cancel
+        in float32. (For ``mean_y="global"`` every side is shifted by ``shift_y``, near the
+        mean over all samples that convention subtracts.)"""
+        t = self.tensors_
+        counts = {"y_pos": t.get("total.active"), "y_neg": None}
+        if counts["y_pos"] is not None:
+            counts["y_neg"] = t["n"] - counts["y_pos"]
+        on = layer.ops.neuron_values(active if active is not None else z > 0)
+        values, bias = None, layer.bias().double()
+        for stat, side in (("y_pos", on), ("y_neg", ~on)):
+            missing = empty if empty is not None else counts[stat] == 0
+            if not bool(missing.any()):
+                continue
+            count = side.sum(0)
+            moved = missing & (count > 0)
+            if not bool(moved.any()):
+                continue
+            values = layer.ops.neuron_values(z).double() if values is None else values
+            side_mean = ((values * side).sum(0) / count.clamp(min=1)).to(dtype).double()
+            t[f"shift_y.{stat}"] = torch.where(moved, side_mean - bias, t[f"shift_y.{stat}"])
+
+    def _fill(self, g: Tensor, z: Tensor, offsets: dict[str, Tensor], channel: int, groups: int,
+              active: Tensor | None) -> Tensor | None:
         """Write the groups' values into ``g`` (``channel`` is the dimension of the
-        neurons) with few passes: the mask, then ``y - shift_y`` and its two sides.
-        Returns the sums of ``y - shift_y`` over the samples where no group holds them
-        (a fit of one side only), else None."""
-        parts = {group: g.narrow(channel, part.start, part.stop - part.start)
-                 for group, part in self._buffer_slices().items()}
+        neurons, laid out group by group) with few passes: the mask, then ``y`` minus each
+        side's shift on that side. Returns, for a fit of one side only, the sum of that
+        side's shifted ``y`` over all samples (for the sum of ``y``), else None."""
+        stats = self._stats()
+        per_group = self.weight_shape[0] // groups
+        buffer = g.unflatten(channel, (groups, len(stats), per_group))
+        parts = {stat: buffer.select(channel + 1, i) for i, stat in enumerate(stats)}
+        z = z.unflatten(channel, (groups, per_group))
         shape = [1] * z.dim()
-        shape[channel] = self.weight_shape[0]
-        offset = offset.reshape(shape)
-        samples = tuple(d for d in range(z.dim()) if d != channel)
+        shape[channel:channel + 2] = groups, per_group
+        offsets = {stat: offset.reshape(shape) for stat, offset in offsets.items()}
+        samples = tuple(d for d in range(z.dim()) if d not in (channel, channel + 1))
         if "y_all" in parts:
-            torch.sub(z, offset, out=parts["y_all"])
+            torch.sub(z, offsets["y_all"], out=parts["y_all"])
             return None
         if active is None:
             torch.gt(z, 0, out=parts["active"])
         else:
-            parts["active"].copy_(active)
-        y_pos, y_neg = parts.get("y_pos"), parts.get("y_neg")
-        if y_pos is not None and y_neg is not None:
-            torch.sub(z, offset, out=y_neg)
-            torch.mul(y_neg, parts["active"], out=y_pos)
-            y_neg.sub_(y_pos)
-            return None
-        side = y_pos if y_pos is not None else y_neg
-        torch.sub(z, offset, out=side)
-        total = side.sum(samples).double()
-        if y_pos is not None:
-            side.mul_(parts["active"])
-        else:
-            side.sub_(side * parts["active"])
-        return total
+            parts["active"].copy_(active.unflatten(channel, (groups, per_group)))
+        direct = None
+        for stat in ("y_pos", "y_neg"):
+            side = parts.get(stat)
+            if side is None:
+                continue
+            torch.sub(z, offsets[stat], out=side)
+            if ("y_pos" in parts) != ("y_neg" in parts):   # one side only: its shifted y over all
+                direct = side.sum(samples).double().reshape(-1)
+            if stat == "y_pos":
+                side.mul_(parts["active"])
+            else:
+                side.sub_(side * parts["active"])
+        return direct
 
-    def _sum_y(self, totals: Tensor, direct: Tensor | None) -> Tensor:
-        """The batch's sum of ``y - shift_y`` per neuron, from the groups' totals."""
+    def _sum_y(self, totals: dict[str, Tensor], direct: Tensor | None, samples: int) -> Tensor:
+        """The batch's sum of ``y - shift_y`` per neuron, exactly, from the groups' totals
+        (each side's values are shifted by its own reference)."""
+        if "y_all" in totals:
+            return totals["y_all"]
+        shift = self.tensors_["shift_y"]
         if direct is not None:
-            return direct
-        part = self._buffer_slices()
-        if "y_all" in part:
-            return totals[part["y_all"]]
-        return totals[part["y_pos"]] + totals[part["y_neg"]]
+            stat = "y_pos" if "y_pos" in totals else "y_neg"
+            return direct + samples * (self._shift(stat) - shift)
+        counts = {"y_pos": totals["active"], "y_neg": samples - totals["active"]}
+        return sum(totals[stat] + counts[stat] * (self._shift(stat) - shift) for stat in ("y_pos", "y_neg"))
 
-    def _buffer_slices(self) -> dict[str, slice]:
-        """Where each group's ``J`` rows lie in the buffer of one batch (every group but
-        ``ones``, whose sums need no buffer)."""
-        groups = [group for group in self.groups if group != "ones"]
-        J = self.weight_shape[0]
-        return {group: slice(i * J, (i + 1) * J) for i, group in enumerate(groups)}
+    def _stats(self) -> list[str]:
+        """The groups the buffer of one batch holds (every group but ``ones``, whose sums
+        need no buffer), in the buffer's order within each input group."""
+        return [group for group in self.groups if group != "ones"]
 
-    def _add(self, ops, x: Tensor, z: Tensor, offset: Tensor, active: Tensor | None) -> Tensor:
+    def _split(self, t: Tensor) -> dict[str, Tensor]:
+        """A tensor with one row per buffer channel as one ``J``-row tensor per group of
+        :meth:`_stats`, neurons in their order."""
+        stats, rows, groups = self._stats(), self.weight_shape[0], self.input_groups
+        blocks = t.reshape(groups, len(stats), rows // groups, *t.shape[1:])
+        return {stat: blocks[:, i].reshape(rows, *t.shape[1:]) for i, stat in enumerate(stats)}
+
+    def _add(self, ops, x: Tensor, z: Tensor, offsets: dict[str, Tensor], active: Tensor | None) -> Tensor:
         """Add one batch's sums: the plain input sums (group ``ones``), the other groups'
         values ``g`` (one buffer), their patch sums with the shifted input (gathered
         first where the layer type wants it), their cover sums and totals. Returns the
         batch's sum of ``y - shift_y``."""
         channel = ops.neuron_dim % z.dim()
         shape = list(z.shape)
-        shape[channel] = sum(part.stop - part.start for part in self._buffer_slices().values())
+        shape[channel] = len(self._stats()) * self.weight_shape[0]
         g = torch.empty(shape, dtype=z.dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel, active)
+        direct = self._fill(g, z, offsets, channel, ops.groups, active)
         self._add_input_sums(ops, x, z, channel)
         per_position = g.sum(0, keepdim=True)
-        totals = ops.neuron_values(per_position).sum(0).double()  # counts exact below 2**24
-        cover = ops.cover_sums(x.shape, per_position).double()
+        totals = self._split(ops.neuron_values(per_position).sum(0).double())  # counts exact below 2**24
+        cover = self._split(ops.cover_sums(x.shape, per_position).double())
         sums = None
         if ops.gathers_rows:
             self._rows.append((ops.patches(x), ops.neuron_values(g)))
             if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
                 self.flush()
         else:
-            sums = ops.patch_sums(x, g)
-        for group, part in self._buffer_slices().items():
+            sums = self._split(ops.patch_sums(x, g))
+        for group in self._stats():
             if sums is not None:
-                self._accumulate(f"x.{group}", sums[part])
-            self._accumulate(f"cover.{group}", cover[part])
-            self._accumulate(f"total.{group}", totals[part])
-        return self._sum_y(totals, direct)
+                self._accumulate(f"x.{group}", sums[group])
+            self._accumulate(f"cover.{group}", cover[group])
+            self._accumulate(f"total.{group}", totals[group])
+        return self._sum_y(totals, direct, z.numel() // z.shape[channel])
 
     def _add_input_sums(self, ops, x: Tensor, z: Tensor, channel: int) -> None:
         """The group ``ones``: the plain sums of the shifted patches, their cover sums and
@@ -313,61 +380,71 @@ class Statistics:
             self.tensors_[key] = value.to(torch.float64, copy=True)
 
     # -- exact re-expression -------------------------------------------------------
-    def reshift(self, shift_x: Tensor, shift_y: Tensor) -> None:
+    def reshift(self, shift_x: Tensor, shift_y: Tensor | dict[str, Tensor]) -> None:
         """Express the sums relative to other shifts, exactly (every sum is a polynomial
-        in the shifts), so that sums of different processes can be added."""
-        t = dict(self.tensors_)
+        in the shifts), so that sums of different processes can be added. ``shift_y`` is
+        the new ``shift_y`` of every group, or a dict of the stored shifts by name."""
+        t, neurons = dict(self.tensors_), self.weight_shape[0]
+        new_y = shift_y if isinstance(shift_y, dict) else {k: shift_y for k in t if k.startswith("shift_y")}
         dx = t["shift_x"] - shift_x                 # x - new = (x - old) + dx on covered positions
-        dy = (t["shift_y"] - shift_y)               # y - new = (y - old) + dy
+        dx_neurons = per_neuron(dx, neurons)
         new = dict(t)
         for group in self.groups:
-            new[f"x.{group}"] = t[f"x.{group}"] + dx * t[f"cover.{group}"]
+            shift = dx if group == "ones" else dx_neurons
+            new[f"x.{group}"] = t[f"x.{group}"] + shift * t[f"cover.{group}"]
         side = {"y_pos": "active", "y_neg": None, "y_all": "ones"}
         for group in ("y_pos", "y_neg", "y_all"):
             if group not in self.groups:
                 continue
-            x_side, cover_side, total_side = self._side(t, side[group])
+            key = "shift_y" if group == "y_all" or f"shift_y.{group}" not in t else f"shift_y.{group}"
+            dy = t[key] - new_y[key]                # y - new = (y - old) + dy
+            x_side, cover_side, total_side = self._side(t, side[group], neurons)
             d = dy.reshape(-1, *([1] * (x_side.dim() - 1)))
-            new[f"x.{group}"] = new[f"x.{group}"] + d * (x_side + dx * cover_side)
+            new[f"x.{group}"] = new[f"x.{group}"] + d * (x_side + dx_neurons * cover_side)
             new[f"cover.{group}"] = t[f"cover.{group}"] + d * cover_side
             new[f"total.{group}"] = t[f"total.{group}"] + dy * total_side
-        new["sum_y"] = t["sum_y"] + t["n"] * dy
-        new["shift_x"], new["shift_y"] = shift_x.clone(), shift_y.clone()
+        new["sum_y"] = t["sum_y"] + t["n"] * (t["shift_y"] - new_y["shift_y"])
+        new["shift_x"] = shift_x.clone()
+        new.update({k: v.clone() for k, v in new_y.items()})
         self.tensors_ = new
 
     @staticmethod
-    def _side(t: dict, group: str | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Sums of x, cover and count over the samples of one side (None: inactive)."""
+    def _side(t: dict, group: str | None, neurons: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums of x, cover and count over the samples of one side (None: inactive), one
+        row per neuron."""
         if group is not None:
-            return t[f"x.{group}"], t[f"cover.{group}"], t[f"total.{group}"]
-        return (t["x.ones"] - t["x.active"], t["cover.ones"] - t["cover.active"],
+            return per_neuron(t[f"x.{group}"], neurons), t[f"cover.{group}"], t[f"total.{group}"]
+        return (per_neuron(t["x.ones"], neurons) - t["x.active"], t["cover.ones"] - t["cover.active"],
                 t["total.ones"] - t["total.active"])
 
     def unshifted(self) -> dict[str, Tensor]:
         """The plain sums, ``sum x``, ``sum x y``, ``sum_+ x y``, ... (float64), computed
-        exactly from the shifted ones: for checks, and to compare with other code."""
-        t = self.tensors_
-        mu, nu = t["shift_x"], t["shift_y"]
+        exactly from the shifted ones: for checks, and to compare with other code. ``sum_x``
+        has one row per input group, the others one per neuron."""
+        t, neurons = self.tensors_, self.weight_shape[0]
+        mu = t["shift_x"]
 
         def x_sum(group):      # sum over the group of h x  (h = the group's value)
-            return t[f"x.{group}"] + mu * t[f"cover.{group}"]
+            shift = mu if group == "ones" else per_neuron(mu, neurons)
+            return t[f"x.{group}"] + shift * t[f"cover.{group}"]
 
-        out = {"n": t["n"], "sum_x": x_sum("ones"), "sum_y": t["sum_y"] + t["n"] * nu}
+        def col(group):
+            return self._shift(group).reshape(-1, *([1] * (t["x.ones"].dim() - 1)))
+
+        out = {"n": t["n"], "sum_x": x_sum("ones"), "sum_y": t["sum_y"] + t["n"] * t["shift_y"]}
+        every = per_neuron(out["sum_x"], neurons)
         if "active" in self.groups:
-            col = nu.reshape(-1, *([1] * (t["x.active"].dim() - 1)))
             out["n_pos"] = t["total.active"]
             out["sum_x_pos"] = x_sum("active")
             if "y_pos" in self.groups:
-                out["sum_y_pos"] = t["total.y_pos"] + t["total.active"] * nu
-                out["sum_xy_pos"] = x_sum("y_pos") + col * out["sum_x_pos"]
+                out["sum_y_pos"] = t["total.y_pos"] + t["total.active"] * self._shift("y_pos")
+                out["sum_xy_pos"] = x_sum("y_pos") + col("y_pos") * out["sum_x_pos"]
             if "y_neg" in self.groups:
-                sum_x_neg = out["sum_x"] - out["sum_x_pos"]
-                out["sum_xy_neg"] = x_sum("y_neg") + col * sum_x_neg
+                out["sum_xy_neg"] = x_sum("y_neg") + col("y_neg") * (every - out["sum_x_pos"])
             if "y_pos" in self.groups and "y_neg" in self.groups:
                 out["sum_xy"] = out["sum_xy_pos"] + out["sum_xy_neg"]
         else:
-            col = nu.reshape(-1, *([1] * (t["x.y_all"].dim() - 1)))
-            out["sum_xy"] = x_sum("y_all") + col * out["sum_x"]
+            out["sum_xy"] = x_sum("y_all") + col("y_all") * every
         return out
 
 
@@ -468,62 +545,74 @@ def _scales(denominator: Tensor, size: Tensor, count: Tensor) -> tuple[Tensor, T
 
 
 @dataclass
-class _Side:
-    """The sums of one component (all samples, active, inactive) of a layer, in the
-    terms of ``Statistics``: ``xy`` and ``x`` are lists of ``(sign, tensor)``."""
+class _Part:
+    """The sums of one group of a layer's samples, each ``y`` shifted by ``shift``:
+    ``xy`` the sum of ``x~ (y - shift)``, ``x`` a list of ``(sign, tensor)`` adding up to
+    the sum of ``x~``, and their cover sums (``x~`` the shifted input)."""
 
-    xy: list
+    xy: Tensor
     x: list
     cover_y: Tensor
     cover: Tensor
+    shift: Tensor
+
+
+@dataclass
+class _Side:
+    """One component of a layer (all samples, active, inactive): its parts, its number of
+    samples and its exact mean of ``y`` per neuron."""
+
+    parts: list
     count: Tensor
-    sum_y: Tensor
+    mean_y: Tensor
 
 
-def _sides(t: dict, groups: Sequence[str]) -> dict[str, _Side]:
-    j = t["sum_y"].shape[0]
+def _sides(stats: "Statistics") -> dict[str, _Side]:
+    t, groups, j = stats.tensors_, stats.groups, stats.weight_shape[0]
     n = t["n"].expand(j)
-    sides = {}
+    ones = per_neuron(t["x.ones"], j)
+    mean = t["shift_y"] + t["sum_y"] / t["n"]
     if "y_all" in groups:
-        sides["all"] = _Side([(1, t["x.y_all"])], [(1, t["x.ones"])], t["cover.y_all"],
-                             t["cover.ones"], n, t["sum_y"])
-        return sides
+        part = _Part(t["x.y_all"], [(1, ones)], t["cover.y_all"], t["cover.ones"], stats._shift("y_all"))
+        return {"all": _Side([part], n, mean)}
+    sides = {}
+    n_pos, n_neg = t["total.active"], n - t["total.active"]
+    positive = negative = None
     if "y_pos" in groups:
-        sides["positive"] = _Side([(1, t["x.y_pos"])], [(1, t["x.active"])], t["cover.y_pos"],
-                                  t["cover.active"], t["total.active"], t["total.y_pos"])
+        positive = _Part(t["x.y_pos"], [(1, t["x.active"])], t["cover.y_pos"], t["cover.active"],
+                         stats._shift("y_pos"))
+        sides["positive"] = _Side([positive], n_pos, positive.shift + t["total.y_pos"] / n_pos.clamp(min=1))
     if "y_neg" in groups:
-        sides["negative"] = _Side([(1, t["x.y_neg"])], [(1, t["x.ones"]), (-1, t["x.active"])],
-                                  t["cover.y_neg"], t["cover.ones"] - t["cover.active"],
-                                  n - t["total.active"], t["total.y_neg"])
-    if "y_pos" in groups and "y_neg" in groups:
-        sides["all"] = _Side([(1, t["x.y_pos"]), (1, t["x.y_neg"])], [(1, t["x.ones"])],
-                             t["cover.y_pos"] + t["cover.y_neg"], t["cover.ones"], n, t["sum_y"])
+        negative = _Part(t["x.y_neg"], [(1, ones), (-1, t["x.active"])], t["cover.y_neg"],
+                         t["cover.ones"] - t["cover.active"], stats._shift("y_neg"))
+        sides["negative"] = _Side([negative], n_neg, negative.shift + t["total.y_neg"] / n_neg.clamp(min=1))
+    if positive is not None and negative is not None:
+        sides["all"] = _Side([positive, negative], n, mean)
     return sides
 
 
 def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor, vanishing: Tensor | None = None
              ) -> tuple[Tensor, Tensor]:
-    """``C / (w^T C)`` of one side, with the unnormalised covariance
+    """``C / (w^T C)`` of one side, with the unnormalised covariance, part by part,
 
-        C = sum_c x (y - m) = sum_c x~ y~ + mu cover_y - m~ (sum_c x~ + mu cover)
+        C = sum_c x (y - m) = sum_parts [sum x~ y~ + mu cover_y - (m - shift) (sum x~ + mu cover)]
 
-    (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 3.2),
-    written in one allocation and a few in-place passes. ``vanishing`` marks the rows
-    whose ``C`` is exactly 0 by construction (a covariance around the side's own mean of
-    ``y`` over one sample), set to 0 instead of the rounding noise of the sums. Returns
-    the pattern and the zero-denominator mask.
+    (``x~``, ``y~`` the shifted values; docs/math.md, section 3.2), written in one
+    allocation and in-place passes. ``vanishing`` marks the rows whose ``C`` is exactly 0
+    by construction (a covariance around the side's own mean of ``y`` over one sample),
+    set to 0 instead of the rounding noise of the sums. Returns the pattern and the
+    zero-denominator mask.
     """
     j = w.shape[0]
-    col = (j, *([1] * (side.xy[0][1].dim() - 1)))
-    m = m.reshape(col)
-    first, rest = side.xy[0][1], side.xy[1:]
-    c = torch.add(first, rest[0][1], alpha=rest[0][0]) if rest else first.clone()
-    for sign, t in rest[1:]:
-        c.add_(t, alpha=sign)
-    c.addcmul_(side.cover_y, mu)
-    for sign, t in side.x:
-        c.addcmul_(t, m, value=-sign)
-    c.addcmul_(side.cover * m, mu, value=-1)
+    col = (j, *([1] * (side.parts[0].xy.dim() - 1)))
+    c = None
+    for part in side.parts:
+        c = part.xy.clone() if c is None else c.add_(part.xy)
+        c.addcmul_(part.cover_y, mu)
+        d = (m - part.shift).reshape(col)
+        for sign, t in part.x:
+            c.addcmul_(t, d, value=-sign)
+        c.addcmul_(part.cover * d, mu, value=-1)
     if vanishing is not None:
         c[vanishing] = 0
     rows = c.reshape(j, -1)
@@ -564,15 +653,16 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_M
     w = weight.detach().to("cpu")
     if w.dtype not in (torch.float32, torch.float64):
         w = w.to(torch.float64)
-    sides = _sides(t, s.groups)
-    m_global = t["sum_y"] / t["n"]
+    sides = _sides(s)
     kind_side = {"linear": "all", "positive": "positive", "negative": "negative"}
     result, zeros = {}, {}
+    mu = per_neuron(t["shift_x"], w.shape[0])
     for kind in s.kinds:
         side = sides[kind_side[kind]]
         own_mean = kind != "linear" and mean_y == "masked"
-        m = side.sum_y / side.count.clamp(min=1) * (side.count > 0) if own_mean else m_global
-        result[kind], zero = _pattern(side, w, t["shift_x"], m, (side.count == 1) if own_mean else None)
+        m = side.mean_y if own_mean else (sides["all"].mean_y if "all" in sides else
+                                          t["shift_y"] + t["sum_y"] / t["n"])
+        result[kind], zero = _pattern(side, w, mu, m, (side.count == 1) if own_mean else None)
         zeros[kind] = zero & (side.count > 0)
     degenerate = torch.zeros(w.shape[0], dtype=torch.bool)
     for zero in zeros.values():
@@ -629,7 +719,7 @@ class Patterns:
     counts : dict[str, dict], optional
         Per layer, the neurons counted by :func:`estimate_patterns`.
     mask : str, optional
-        The activity mask the fit used (:mod:`toolkit.residual`); None if unknown.
+        The activity mask the fit used (:mod:`toolkit.layers.activity`); None if unknown.
     """
 
     def __init__(self, layers: dict[str, LayerPatterns], fingerprint: str,
@@ -892,7 +982,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         The activity mask of a layer whose output is not followed directly by a ReLU
         (in a residual block: the last convolution and the downsample): its own output
         ``z > 0``, or the input of the ReLU after the addition. Default
-        :data:`toolkit.residual.DEFAULT_MASK`; the same for every layer of a chain
+        :data:`toolkit.layers.DEFAULT_MASK`; the same for every layer of a chain
         (docs/math.md, section 6).
 
     Returns
@@ -914,7 +1004,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
     target = torch.device(device) if device is not None else (
         parameter.device if parameter is not None else torch.device("cpu"))
     compute_dtype = check_product_dtype(compute_dtype, target)
-    result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype),
+    result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype, mean_y=mean_y),
                     desc="fitting patterns", device=device, max_batches=max_batches,
                     progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                     batch_size=batch_size, mask=mask)

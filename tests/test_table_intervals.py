@@ -1,11 +1,6 @@
-"""Intervals of the comparisons: toolkit.uncertainty, the AOPC and score tables, rho per layer.
+"""Intervals of the comparisons' tables (toolkit.intervals itself: tests/test_intervals.py).
 
 What must hold:
-* a bootstrap interval of a mean has the width the normal approximation predicts for
-  many images, covers the true mean about as often as it says, and is the same for the
-  same seed;
-* a paired difference separates two methods whose per-image values move together even
-  where their own intervals overlap, and says "indistinguishable here" for noise;
 * the AOPC, estimator and score tables print the intervals; the paper's orderings are
   judged by them;
 * rho's intervals leave the estimates unchanged, and every split-half replicate equals
@@ -20,69 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit import compare, uncertainty
+from toolkit import compare, intervals
 from toolkit.compare import ScoreTable
 from toolkit.patterns import fit_patterns
 from toolkit.perturbation import PerturbationResult
 from toolkit.quality import layer_quality
-from toolkit.uncertainty import (Interval, compare as compare_values, difference_interval,
-                                 format_ordering, mean_interval, ordering)
-
-
-def test_mean_interval_has_the_normal_width_and_is_reproducible():
-    values = np.random.default_rng(1).normal(0.2, 0.1, 400)
-    interval = mean_interval(values)
-    expected = 2 * 1.96 * values.std(ddof=1) / np.sqrt(values.size)
-    assert interval.estimate == pytest.approx(values.mean(), abs=1e-15)
-    assert (interval.high - interval.low) == pytest.approx(expected, rel=0.1)
-    assert interval == mean_interval(values)
-    assert interval != mean_interval(values, seed=1)
-    assert interval.method == "bootstrap over 400 images"
-    assert interval.format(2) == f"{np.round(values.mean(), 2):.2f} [{interval.low:.2f}, {interval.high:.2f}]"
-
-
-def test_mean_interval_covers_the_true_mean_as_often_as_it_says():
-    rng = np.random.default_rng(2)
-    hits = [mean_interval(rng.exponential(1.0, 60), n_resamples=1000, seed=k).excludes(1.0) is False
-            for k in range(200)]
-    assert 0.88 <= np.mean(hits) <= 0.99
-
-
-def test_degenerate_values_and_bad_input():
-    assert mean_interval([0.3]) == Interval(0.3, 0.3, 0.3, 0.95, "bootstrap over 1 images")
-    flat = mean_interval(np.full(5, 0.25))
-    assert (flat.low, flat.high) == (0.25, 0.25) and flat.sign == ">"
-    with pytest.raises(ValueError, match="empty"):
-        mean_interval([])
-    with pytest.raises(ValueError, match="NaN"):
-        mean_interval([0.1, np.nan])
-    with pytest.raises(ValueError, match="same images"):
-        difference_interval([1.0, 2.0], [1.0])
-    with pytest.raises(ValueError, match="confidence"):
-        mean_interval([1.0, 2.0], confidence=1.5)
-
-
-def test_paired_difference_separates_what_overlapping_intervals_do_not():
-    rng = np.random.default_rng(3)
-    base = rng.uniform(0.0, 1.0, 100)              # images differ a lot ...
-    a, b = base + 0.02, base + rng.normal(0, 0.005, 100)   # ... the methods only a little
-    ia, ib = mean_interval(a), mean_interval(b)
-    assert ia.low < ib.high                         # the two intervals overlap
-    assert difference_interval(a, b).sign == ">" and compare_values(a, b) == ">"
-    assert compare_values(b, a) == "<"
-    noise = base + rng.normal(0, 0.005, 100)
-    assert compare_values(noise, base + rng.normal(0, 0.005, 100)) == "~"
-
-
-def test_ordering_claims_only_what_the_intervals_separate():
-    rng = np.random.default_rng(4)
-    base = rng.uniform(0, 1, 80)
-    values = {"b": base + 0.10, "a": base + 0.10 + rng.normal(0, 0.01, 80), "c": base}
-    ranked = ordering(values)
-    assert [name for name, _ in ranked][2] == "c"
-    assert [relation for _, relation in ranked] == ["~", ">", ""]
-    text = format_ordering(ranked, {"c": "C"})
-    assert text.endswith("> C") and " ~ " in text
+from toolkit.intervals import bootstrap_mean
 
 
 def _result(per_image_aopc, predicted=None) -> PerturbationResult:
@@ -105,7 +43,7 @@ def test_aopc_interval_difference_and_tables():
                "patternattribution_linear": _result(base + 0.011),
                "patternattribution": _result(base + 0.1), "random": _result(base)}
     pa = results["patternattribution"]
-    assert pa.aopc_interval() == mean_interval(pa.per_image_aopc)
+    assert pa.aopc_interval() == bootstrap_mean(pa.per_image_aopc)
     assert pa.aopc_difference(results["random"]).low == pytest.approx(0.1)
     with pytest.raises(ValueError, match="same images"):
         pa.aopc_difference(_result(base[:10]))
@@ -133,7 +71,7 @@ def test_score_table_intervals():
     base = rng.uniform(0, 1, 40)
     table = ScoreTable(("mass in signal",), {"a": {"mass in signal": base + 0.1},
                                               "b": {"mass in signal": base}}, {"a": "A", "b": "B"})
-    assert table.interval("a", "mass in signal") == mean_interval(base + 0.1)
+    assert table.interval("a", "mass in signal") == bootstrap_mean(base + 0.1)
     assert table.difference("mass in signal", "a", "b").estimate == pytest.approx(0.1)
     assert table.ordering("mass in signal") == "A > B"
     text = table.table(intervals=True).splitlines()
@@ -226,4 +164,4 @@ def test_halves_too_small_for_rho_give_no_interval(quality_setup):
                                intervals="split_half", blocks=2, resamples=2)
     assert np.isnan(result.interval("4", "linear").low)
     assert result.interval("4", "linear").sign == "~"
-    assert uncertainty.RELATIONS["~"] == "indistinguishable here"
+    assert intervals.RELATIONS["~"] == "indistinguishable here"
