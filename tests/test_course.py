@@ -53,8 +53,8 @@ from toolkit.reproduce import course_notebooks, run_notebook  # noqa: E402
 #: the pattern test below checks that removing their solutions leaves every name a later
 #: cell needs).
 FAST = ("01_linear_toy.ipynb", "01b_from_neuron_to_network.ipynb")
-#: The notebooks that must have exercises with a self-check (issue 24: 01-05).
-WITH_EXERCISES = ("01_", "02_", "03_", "04_", "05_")
+#: The notebooks that must have two or three exercises, one of them with a self-check.
+WITH_EXERCISES = ("01_", "01b_", "02_", "03_", "04_", "05_", "06_")
 
 
 def _solution(cell) -> bool:
@@ -128,7 +128,7 @@ def test_every_course_notebook_follows_the_exercise_pattern():
         if path.name.startswith(WITH_EXERCISES):
             assert solutions, f"{path.name} has no coding exercise with a solution cell"
             boxes = sum(cell.source.count("<details") for cell in nb.cells if cell.cell_type == "markdown")
-            assert boxes + len(solutions) >= 2, f"{path.name} has fewer than two exercises"
+            assert 2 <= boxes + len(solutions) <= 3, f"{path.name} has {boxes + len(solutions)} exercises, not 2 or 3"
         for i in solutions:
             exercise, check_cell = nb.cells[i - 1], nb.cells[i + 1]
             assert exercise.cell_type == "code" and ("TODO" in exercise.source
