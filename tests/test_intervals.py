@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.intervals import Interval, bootstrap_difference, bootstrap_mean, ordering, verdict
+from toolkit.intervals import (Interval, bootstrap_difference, bootstrap_mean, format_ranking, normal_interval,
+                               ordering, ranking, verdict)
 
 
 def test_agrees_with_a_bootstrap_written_out():
@@ -73,3 +74,34 @@ def test_verdict_of_a_claim():
     assert verdict(values, ["middle"], ["twin", "best"]) == "fails"  # one opposite ordering is enough
     with pytest.raises(ValueError, match="missing"):
         verdict(values, ["best"], ["nowhere"])
+
+
+def test_covers_the_true_mean_as_often_as_it_says():
+    rng = np.random.default_rng(2)
+    hits = [not bootstrap_mean(rng.exponential(1.0, 60), resamples=1000, seed=k).excludes(1.0)
+            for k in range(200)]
+    assert 0.88 <= np.mean(hits) <= 0.99
+
+
+def test_equal_values_and_the_method_in_words():
+    flat = bootstrap_mean(np.full(5, 0.25))
+    assert (flat.low, flat.high) == (0.25, 0.25) and flat.sign == ">"
+    assert flat.method == "bootstrap over 5 images"
+    assert bootstrap_difference([1.0, 2.0, 4.0], [0.0, 1.0, 1.0]).method == "paired bootstrap over 3 images"
+
+
+def test_normal_interval_has_the_normal_quantile():
+    interval = normal_interval(0.5, 0.1, confidence=0.9, method="split-half")
+    assert interval.high - 0.5 == pytest.approx(0.1 * 1.6448536, rel=1e-6)
+    assert interval.low == pytest.approx(0.5 - 0.16448536, rel=1e-6) and interval.method == "split-half"
+
+
+def test_ranking_claims_only_what_the_intervals_separate():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0, 1, 80)
+    values = {"b": base + 0.10, "a": base + 0.10 + rng.normal(0, 0.01, 80), "c": base}
+    ranked = ranking(values)
+    assert [name for name, _ in ranked][2] == "c"
+    assert [relation for _, relation in ranked] == ["~", ">", ""]
+    text = format_ranking(ranked, {"c": "C"})
+    assert text.endswith("> C") and " ~ " in text

@@ -30,9 +30,9 @@ _LAZY = {
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
     "linear", "estimators", "layers", "rules", "streaming", "patterns", "precision", "methods",
-    "quality", "perturbation", "experiment", "sanity", "similarity", "convention", "interop",
-    "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
-    "timeseries", "architectures", "intervals",
+    "quality", "perturbation", "intervals", "conservation", "experiment", "sanity", "similarity",
+    "convention", "interop", "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets",
+    "reproduce", "course", "cli", "timeseries", "architectures",
 )
 
 

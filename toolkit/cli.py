@@ -7,6 +7,7 @@ Sub-commands (``toolkit COMMAND --help`` for each)::
     toolkit explain      --model vgg16 --patterns FILE IMAGE... --out DIR
     toolkit perturbation --model vgg16 --patterns FILE --data IMAGENET --out DIR
     toolkit reproduce    --out results
+    toolkit course student DIR
 
 Models (``--model``) are named in one of three ways (:func:`toolkit.zoo.load_model`): a
 torchvision model (``vgg16``; ``--weights`` DEFAULT, another weight name, ``random`` or a
@@ -512,6 +513,16 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _course_student(args: argparse.Namespace) -> int:
+    from toolkit.course import write_student_course
+
+    check_writable("DIR", args.dir, folder=True)
+    written = write_student_course(args.dir, args.notebooks or None, overwrite=args.force)
+    for path in written:
+        print(path)
+    return 0
+
+
 # ----------------------------------------------------------------------------------
 # the parser
 # ----------------------------------------------------------------------------------
@@ -704,6 +715,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--notebooks", nargs="*", help="notebooks to run (default: all of notebooks/)")
     rep.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default: 900)")
     rep.set_defaults(run=_reproduce)
+
+    course = commands.add_parser("course", help="the course for a class: the student version",
+                                 description="Prepare the course's notebooks for teaching.")
+    course_commands = course.add_subparsers(dest="course_command", metavar="WHAT", required=True)
+    student = course_commands.add_parser(
+        "student", help="write every notebook without its solutions, outputs cleared",
+        description="Write the student version of the course into DIR: the solution cells (tagged "
+                    "'solution') and the folded <details> solutions are removed and the outputs "
+                    "cleared; the notebooks run top to bottom, the unanswered checks saying so.")
+    student.add_argument("dir", metavar="DIR", help="folder to write the notebooks into (created if missing)")
+    student.add_argument("--notebooks", nargs="*", help="notebooks to write (default: the whole course)")
+    student.add_argument("--force", action="store_true", help="overwrite notebooks already in DIR")
+    student.set_defaults(run=_course_student)
     return parser
 
 

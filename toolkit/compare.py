@@ -77,6 +77,9 @@ __all__ = [
     "estimator_explainers",
     "estimator_aopc_table",
     "estimator_orderings",
+    "CLAIM_OUTCOMES",
+    "aopc_ordering",
+    "better",
 ]
 
 # Views of the registry, for tables and figures (they list the methods of toolkit.methods;
@@ -340,51 +343,111 @@ def estimator_explainers(model: nn.Module, patterns, inputs: Tensor) -> dict[str
     return {name: explainers[name] for name in ESTIMATOR_METHODS.values()}
 
 
-def estimator_aopc_table(results: Mapping[str, object], decimals: int = 3) -> str:
+def estimator_aopc_table(results: Mapping[str, object], decimals: int = 3,
+                         intervals: bool = False) -> str:
     """The AOPC of PatternAttribution per estimator and of the random order, in the
-    paper's order (S_x, S_w, S_a, S_a+-, random), with the probability after the last step."""
+    paper's order (S_x, S_w, S_a, S_a+-, random), with the probability after the last step
+    (and, with ``intervals=True``, the 95% bootstrap interval of each AOPC over the images)."""
     names = [n for n in (*ESTIMATOR_METHODS.values(), "random") if n in results]
     if not names:
         raise ValueError(f"results hold none of {tuple(ESTIMATOR_TITLES)}")
     last = next(iter(results.values())).steps
-    head = f"{'estimator':<14}{'AOPC':>8}{f'p @ {last}':>10}"
+    span = 2 * decimals + 10
+    head = (f"{'estimator':<14}{'AOPC':>8}" + (f"{'95% interval':>{span}}" if intervals else "")
+            + f"{f'p @ {last}':>10}")
     lines = [head, "-" * len(head)]
     for name in names:
         r = results[name]
-        lines.append(f"{ESTIMATOR_TITLES[name]:<14}{np.round(r.aopc, decimals) + 0.0:>8.{decimals}f}"
-                     f"{np.round(float(r.curve[-1]), decimals) + 0.0:>10.{decimals}f}")
+        bounds = f"{_bounds(r.aopc_interval(), decimals):>{span}}" if intervals else ""
+        lines.append(f"{ESTIMATOR_TITLES[name]:<14}{_number(r.aopc, decimals):>8}{bounds}"
+                     f"{_number(float(r.curve[-1]), decimals):>10}")
     return "\n".join(lines)
 
 
-def estimator_orderings(results: Mapping[str, object]) -> dict[str, bool]:
+def _number(value: float, decimals: int) -> str:
+    """``value`` rounded first, so that round-off never prints as ``-0.00``."""
+    return f"{np.round(value, decimals) + 0.0:.{decimals}f}"
+
+
+def _bounds(interval, decimals: int) -> str:
+    return f"[{_number(interval.low, decimals)}, {_number(interval.high, decimals)}]"
+
+
+#: What an ordering claim is with intervals: the paired interval of every difference it
+#: names lies on its side of 0, one lies on the other side, or neither.
+CLAIM_OUTCOMES = ("holds", "does not hold", "indistinguishable here")
+
+
+def _claim(results: Mapping[str, object], larger: Sequence[str], smaller: Sequence[str]) -> str:
+    """Whether every method of ``larger`` has a larger AOPC than every one of ``smaller``,
+    judged by the paired bootstrap intervals of the differences."""
+    signs = [results[a].aopc_difference(results[b]).sign for a in larger for b in smaller if a != b]
+    if all(sign == ">" for sign in signs):
+        return CLAIM_OUTCOMES[0]
+    if any(sign == "<" for sign in signs):
+        return CLAIM_OUTCOMES[1]
+    return CLAIM_OUTCOMES[2]
+
+
+def estimator_orderings(results: Mapping[str, object], intervals: bool = False) -> dict[str, object]:
     """The paper's Figure 5 orderings, by AOPC (larger: faster drop): S_a+- fastest,
-    random slowest, S_x above S_w, S_a below both S_x and S_w."""
-    aopc = {name: results[name].aopc for name in (*ESTIMATOR_METHODS.values(), "random")}
-    sx, sw, sa, sapm = (aopc[ESTIMATOR_METHODS[e]] for e in ("identity", "filter", "linear", "two_component"))
-    rnd = aopc["random"]
-    return {
-        "S_a+- drops fastest": sapm == max(aopc.values()),
-        "random order slowest": rnd == min(aopc.values()),
-        "S_x above S_w": sx > sw,
-        "S_a below S_x and S_w": sa < min(sx, sw),
+    random slowest, S_x above S_w, S_a below both S_x and S_w.
+
+    Parameters
+    ----------
+    results : mapping name -> toolkit.perturbation.PerturbationResult
+        Keyed as :data:`ESTIMATOR_METHODS` and ``"random"``, on the same images.
+    intervals : bool
+        False: each claim is True or False by the mean AOPC alone. True: each claim is
+        one of :data:`CLAIM_OUTCOMES`, judged by the paired bootstrap interval over the
+        images of every difference it names (a claim "holds" only where all of them
+        exclude 0 on its side).
+    """
+    x, w, a, pm = (ESTIMATOR_METHODS[e] for e in ("identity", "filter", "linear", "two_component"))
+    everyone = (*ESTIMATOR_METHODS.values(), "random")
+    claims = {
+        "S_a+- drops fastest": ((pm,), [n for n in everyone if n != pm]),
+        "random order slowest": ([n for n in everyone if n != "random"], ("random",)),
+        "S_x above S_w": ((x,), (w,)),
+        "S_a below S_x and S_w": ((x, w), (a,)),
     }
+    if intervals:
+        return {claim: _claim(results, larger, smaller) for claim, (larger, smaller) in claims.items()}
+    aopc = {name: results[name].aopc for name in everyone}
+    return {claim: all(aopc[g] > aopc[s] for g in larger for s in smaller)
+            for claim, (larger, smaller) in claims.items()}
+
+
+def aopc_ordering(results: Mapping[str, object], titles: Mapping[str, str] | None = None) -> str:
+    """The methods ranked by AOPC, ``>`` only where the paired bootstrap interval of two
+    neighbours' difference excludes 0 and ``~`` (indistinguishable here) otherwise
+    (:func:`toolkit.intervals.ranking`)."""
+    from toolkit.intervals import format_ranking, ranking
+
+    titles = dict(TITLES) | _EXTRA_TITLES | dict(titles or {})
+    return format_ranking(ranking({name: r.per_image_aopc for name, r in results.items()}), titles)
 
 
 def perturbation_table(results: Mapping[str, object], at: Sequence[int] = (5, 10),
                        titles: Mapping[str, str] | None = None, decimals: int = 2,
-                       best_first: bool = True) -> str:
+                       best_first: bool = True, intervals: bool = False) -> str:
     """AOPC per method, best first (or in the order of ``results``), with the mean
     probability of the initial class after the regions in ``at`` were perturbed
-    (``at`` may hold 0, the unperturbed images)."""
+    (``at`` may hold 0, the unperturbed images) and, with ``intervals=True``, the 95%
+    bootstrap interval of the AOPC over the images
+    (:meth:`toolkit.perturbation.PerturbationResult.aopc_interval`)."""
     titles = dict(TITLES) | _EXTRA_TITLES | dict(titles or {})
     names = sorted(results, key=lambda n: -results[n].aopc) if best_first else list(results)
     width = max([len("method")] + [len(titles.get(n, n)) for n in names]) + 2
-    head = f"{'method':<{width}}{'AOPC':>7}" + "".join(f"{f'p @ {k}':>9}" for k in at)
+    span = 2 * decimals + 10
+    head = (f"{'method':<{width}}{'AOPC':>7}" + (f"{'95% interval':>{span}}" if intervals else "")
+            + "".join(f"{f'p @ {k}':>9}" for k in at))
     lines = [head, "-" * len(head)]
     for name in names:
         r = results[name]
-        cells = "".join(f"{np.round(float(r.curve[k]), decimals) + 0.0:>9.{decimals}f}" for k in at)
-        lines.append(f"{titles.get(name, name):<{width}}{np.round(r.aopc, decimals) + 0.0:>7.{decimals}f}{cells}")
+        cells = "".join(f"{_number(float(r.curve[k]), decimals):>9}" for k in at)
+        bounds = f"{_bounds(r.aopc_interval(), decimals):>{span}}" if intervals else ""
+        lines.append(f"{titles.get(name, name):<{width}}{_number(r.aopc, decimals):>7}{bounds}{cells}")
     return "\n".join(lines)
 
 
@@ -441,18 +504,55 @@ class ScoreTable:
         values = self.column(score)
         return sorted(values, key=lambda m: -values[m])
 
-    def table(self, decimals: int = 2) -> str:
-        """The means as a text table, one row per method ("-" where a score does not apply)."""
+    def interval(self, method: str, score: str):
+        """The mean of ``score`` for ``method`` with its bootstrap interval over the images
+        (:func:`toolkit.intervals.bootstrap_mean`)."""
+        from toolkit.intervals import bootstrap_mean
+
+        return bootstrap_mean(self._values(method, score))
+
+    def difference(self, score: str, a: str, b: str):
+        """``mean(a) - mean(b)`` of ``score`` with the bootstrap interval of the paired
+        difference over the images (:func:`toolkit.intervals.bootstrap_difference`)."""
+        from toolkit.intervals import bootstrap_difference
+
+        return bootstrap_difference(self._values(a, score), self._values(b, score))
+
+    def ordering(self, score: str, methods: Sequence[str] | None = None) -> str:
+        """The methods ranked by ``score``, ``>`` only where the paired interval of two
+        neighbours' difference excludes 0, ``~`` (indistinguishable here) otherwise."""
+        from toolkit.intervals import format_ranking, ranking
+
+        names = [m for m in (methods or self.methods) if score in self.per_image[m]]
+        return format_ranking(ranking({m: self._values(m, score) for m in names}), self.titles)
+
+    def _values(self, method: str, score: str) -> np.ndarray:
+        if method not in self.per_image:
+            raise KeyError(f"no method {method!r}; the table has {self.methods}")
+        if score not in self.per_image[method]:
+            raise KeyError(f"the score {score!r} does not apply to {method!r}")
+        return np.asarray(self.per_image[method][score], dtype=float)
+
+    def table(self, decimals: int = 2, intervals: bool = False) -> str:
+        """The means as a text table, one row per method ("-" where a score does not apply);
+        with ``intervals=True`` every mean is followed by its 95% bootstrap interval over
+        the images, ``[low, high]``."""
         names = [self.titles.get(m, m) for m in self.per_image]
         width = max([len("method")] + [len(n) for n in names]) + 2
-        col = max([len(c) for c in self.columns] + [decimals + 3]) + 2
+        cell = (3 * decimals + 14) if intervals else decimals + 3
+        col = max([len(c) for c in self.columns] + [cell]) + 2
         head = f"{'method':<{width}}" + "".join(f"{c:>{col}}" for c in self.columns)
         lines = [head, "-" * len(head)]
         for name, (method, values) in zip(names, self.mean.items()):
-            cells = "".join(
-                f"{'-':>{col}}" if math.isnan(v) else f"{np.round(v, decimals) + 0.0:>{col}.{decimals}f}"
-                for v in values.values())
-            lines.append(f"{name:<{width}}{cells}")
+            cells = []
+            for score, v in values.items():
+                if math.isnan(v):
+                    cells.append(f"{'-':>{col}}")
+                elif intervals:
+                    cells.append(f"{self.interval(method, score).format(decimals):>{col}}")
+                else:
+                    cells.append(f"{np.round(v, decimals) + 0.0:>{col}.{decimals}f}")
+            lines.append(f"{name:<{width}}" + "".join(cells))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -556,6 +656,12 @@ def regime_table(results: Mapping[str, object], estimators: Sequence[str] = ("fi
     """Mean ``rho`` per layer under several measurements side by side (e.g. over all
     samples and over the active ones), and whether ``S_a+-`` beats ``S_a`` in each.
 
+    The column ``+- > a`` says ``yes`` or ``no``; for a result measured with intervals
+    (``layer_quality(..., intervals=...)``) it says ``yes`` or ``no`` only where the
+    interval of the paired difference ``rho(S_a+-) - rho(S_a)`` excludes 0, and ``~``
+    (indistinguishable here) where it does not, and ``?`` for a layer measured without
+    intervals in a result that has them for others.
+
     Parameters
     ----------
     results : mapping of column title -> toolkit.quality.QualityResult
@@ -584,19 +690,34 @@ def regime_table(results: Mapping[str, object], estimators: Sequence[str] = ("fi
                 continue
             m = r.mean[layer]
             values = "".join(f"{np.round(m[e], decimals) + 0.0:>{col}.{decimals}f}" for e in estimators)
-            better = m["two_component"] > m["linear"] if {"linear", "two_component"} <= set(m) else None
-            parts.append(values + f"{'-' if better is None else ('yes' if better else 'no'):>8}")
+            parts.append(values + f"{better(r, layer):>8}")
         lines.append(f"{layer:<{width}}" + " | ".join(parts))
     return "\n".join(lines)
 
 
+def better(result, layer: str) -> str:
+    """``yes``/``no``: does ``S_a+-`` beat ``S_a`` in ``layer`` (by the interval of the
+    difference where the result has one: ``~`` when it holds 0, ``?`` when other layers
+    have one and this one not); ``-`` if not measured."""
+    m = result.mean[layer]
+    if not {"linear", "two_component"} <= set(m):
+        return "-"
+    replicates = getattr(result, "replicates", {})
+    if layer in replicates:
+        return {">": "yes", "<": "no", "~": "~"}[result.difference(layer, "two_component", "linear").sign]
+    if replicates:  # measured with intervals, but not this layer: no claim
+        return "?"
+    return "yes" if m["two_component"] > m["linear"] else "no"
+
+
 def with_mean_y(model: nn.Module, patterns, mean_y: str, inputs: Tensor):
-    """The same patterns with the other convention for ``E[y]`` in ``a_+-``.
+    """The same patterns with another convention for the mean of ``y`` in ``a_+-``.
 
     Recomputed from the statistics ``patterns`` keeps (no second pass over the data):
-    ``"global"`` uses ``E[y]`` over all samples (the authors' code), ``"masked"`` the
-    mean over each side, ``E_+[y]`` (the seminar text; each side's pattern is then the
-    covariance of ``x`` and ``y`` over that side's samples).
+    ``"masked"`` (the default of :func:`toolkit.fit_patterns`) subtracts each side's own
+    mean ``E_+[y]`` (each side's pattern is then the covariance of ``x`` and ``y`` over
+    that side's samples), ``"global"`` the mean ``E[y]`` over all samples (the paper's
+    formula and the authors' code).
     """
     from toolkit.layers import trace
     from toolkit.patterns import Patterns

@@ -13,6 +13,12 @@ On the solution the check prints ``name: correct``; on an unanswered exercise it
 ``name: not answered yet`` and the notebook goes on; on a wrong answer it says how far off
 the answer is, without stopping the notebook either.
 
+The *student version* of the course (``toolkit course student DIR``,
+:func:`write_student_course`) is every notebook without its solutions: the cells tagged
+``solution`` and the folded ``<details>`` solution blocks of the predict-then-check boxes
+are removed and the outputs cleared (:func:`student_notebook`, with nbconvert's
+preprocessors). It runs top to bottom, every unanswered check saying so.
+
 Examples
 --------
 >>> answer = TODO
@@ -25,11 +31,19 @@ True
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["TODO", "check", "check_function"]
+__all__ = ["TODO", "check", "check_function", "SOLUTION_TAG", "student_notebook",
+           "write_student_course"]
+
+#: The cell tag of a solution cell (removed from the student version).
+SOLUTION_TAG = "solution"
+#: A folded solution in a markdown cell: ``<details>`` ... ``</details>``.
+DETAILS = re.compile(r"\n*<details\b[^>]*>.*?</details>[ \t]*", re.DOTALL | re.IGNORECASE)
 
 
 class _Todo:
@@ -118,3 +132,82 @@ def check_function(name: str, function: Callable, reference: Callable, inputs: S
             return False
     print(f"{name}: correct")
     return True
+
+
+# ----------------------------------------------------------------------------------
+# the student version of the course
+# ----------------------------------------------------------------------------------
+def _details_remover():
+    """An nbconvert preprocessor that removes the ``<details>`` blocks of markdown cells."""
+    from nbconvert.preprocessors import Preprocessor
+
+    class RemoveDetails(Preprocessor):
+        def preprocess_cell(self, cell, resources, index):
+            if cell.cell_type == "markdown":
+                cell.source = DETAILS.sub("", cell.source).rstrip()
+            return cell, resources
+
+    return RemoveDetails()
+
+
+def student_notebook(notebook):
+    """The student version of one notebook (an ``nbformat`` notebook; a copy is returned).
+
+    Cells tagged :data:`SOLUTION_TAG` are removed (nbconvert's ``TagRemovePreprocessor``),
+    so are the ``<details>`` blocks of markdown cells and markdown cells left empty by
+    that; every output and execution count is cleared (``ClearOutputPreprocessor``), and
+    saved widget state is dropped.
+    """
+    import copy
+
+    from nbconvert.preprocessors import ClearOutputPreprocessor, TagRemovePreprocessor
+
+    nb = copy.deepcopy(notebook)
+    resources: dict = {}
+    for preprocessor in (TagRemovePreprocessor(remove_cell_tags={SOLUTION_TAG}, enabled=True),
+                         _details_remover(), ClearOutputPreprocessor(enabled=True)):
+        nb, resources = preprocessor.preprocess(nb, resources)
+    nb.cells = [cell for cell in nb.cells if cell.cell_type != "markdown" or cell.source.strip()]
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def write_student_course(directory, notebooks: Sequence | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the student version of every course notebook into ``directory``.
+
+    Parameters
+    ----------
+    directory : path
+        Created if missing.
+    notebooks : sequence of paths or names, optional
+        Course notebooks (``toolkit.reproduce.find_notebook``); default: the whole course.
+    overwrite : bool
+        Replace notebooks already in ``directory`` (default: refuse, they may hold a
+        student's work).
+
+    Returns
+    -------
+    list[pathlib.Path]
+        The notebooks written.
+
+    Raises
+    ------
+    FileExistsError
+        If a notebook exists in ``directory`` and ``overwrite`` is False (nothing is
+        written then).
+    """
+    import nbformat
+
+    from toolkit.reproduce import course_notebooks, find_notebook
+
+    directory = Path(directory).expanduser()
+    sources = [find_notebook(n) for n in notebooks] if notebooks else course_notebooks()
+    targets = [directory / source.name for source in sources]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); give another "
+                              "folder, or overwrite (--force)")
+    directory.mkdir(parents=True, exist_ok=True)
+    for source, target in zip(sources, targets):
+        nbformat.write(student_notebook(nbformat.read(source, as_version=4)), target)
+    return targets

@@ -1,56 +1,91 @@
-"""Orderings over images, claimed only where a bootstrap interval says they hold.
+"""Intervals for the comparisons of the toolkit: orderings claimed only where they hold.
 
-A table of AOPC or of ground-truth scores gives one mean per method, over a few hundred
-images; two methods whose means differ by 0.01 may or may not differ. The course claims
-an ordering only where the interval of the *difference* excludes zero:
+Every comparison of the toolkit is a mean over images (AOPC, the scores against a known
+signal, an accuracy) or a statistic of the images as a whole (``rho(S)`` per layer). Two
+methods whose means differ by 0.01 on a few hundred images may or may not differ; this
+module holds the one notion of an interval the comparisons share, and claims an ordering
+only where the interval of the *difference* excludes zero:
 
+* :class:`Interval` -- an estimate with its bounds, its confidence and how it was found;
 * :func:`bootstrap_mean` -- the mean of per-image values with its percentile bootstrap
   interval (:func:`toolkit.similarity.mean_interval`: images drawn with replacement, a
-  seeded generator), as an :class:`Interval`;
+  seeded generator);
 * :func:`bootstrap_difference` -- the same for ``a - b`` on the same images (a paired
-  bootstrap: each resample draws images, and both methods are read on them);
+  bootstrap: each resample draws images, and both methods are read on them; two
+  overlapping intervals can still be separated by their paired difference);
+* :func:`normal_interval` -- ``estimate +- z * standard error`` (the split-half intervals
+  of ``rho``, :func:`toolkit.quality.layer_quality` with ``intervals=``);
 * :func:`ordering` -- ``"A > B"``, ``"A < B"`` or ``"A ~ B"`` (indistinguishable here)
-  from that interval;
+  for two methods; :func:`ranking` and :func:`format_ranking` -- several methods ranked
+  by their means, ``>`` only between neighbours the intervals separate;
 * :func:`verdict` -- whether a claim such as "S_a+- above every other estimator" holds,
   fails, or is undecided on these images.
 
 Per-image values from torch (``PerturbationResult.per_image_aopc``) are converted; NaN or
 Inf values are refused, not dropped.
+
+Examples
+--------
+>>> import numpy as np
+>>> a = np.array([0.30, 0.25, 0.28, 0.31, 0.27, 0.29])
+>>> ordering(a, a - 0.05)
+'A > B'
+>>> ordering(a, a + np.array([0.01, -0.01, 0.01, -0.01, 0.01, -0.01]))
+'A ~ B'
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_mean", "bootstrap_difference", "ordering", "verdict", "VERDICTS"]
+__all__ = ["CONFIDENCE", "RESAMPLES", "SEED", "RELATIONS", "VERDICTS", "Interval", "bootstrap_mean",
+           "bootstrap_difference", "normal_interval", "ordering", "ranking", "format_ranking", "verdict"]
 
+#: The confidence level of every interval unless told otherwise.
+CONFIDENCE = 0.95
 #: Resamples per interval: enough for the 2.5 % and 97.5 % percentiles to be stable to
 #: about a hundredth of the interval's width.
 RESAMPLES = 4000
+#: The seed of every bootstrap unless told otherwise: the same data give the same interval.
+SEED = 0
+#: What :attr:`Interval.sign` says, in words.
+RELATIONS = {">": "larger", "<": "smaller", "~": "indistinguishable here"}
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean and its bootstrap interval.
+    """An estimate with a confidence interval.
 
     Attributes
     ----------
     estimate : float
-        The mean over all images.
+        The statistic on all the data (a mean over images, a layer's mean ``rho``, a
+        difference of two of them).
     low, high : float
-        The percentile interval at ``confidence``.
+        The bounds of the interval.
     confidence : float
+        Its nominal coverage, e.g. 0.95.
+    method : str
+        How it was found, in words (``"bootstrap over 200 images"``,
+        ``"split-half over 10 splits of 500 images"``).
     """
 
     estimate: float
     low: float
     high: float
-    confidence: float = 0.95
+    confidence: float = CONFIDENCE
+    method: str = ""
 
     def excludes(self, value: float = 0.0) -> bool:
-        """Whether ``value`` lies outside the interval."""
+        """Whether ``value`` lies outside the interval (for a difference: an ordering holds)."""
         return value < self.low or value > self.high
+
+    @property
+    def sign(self) -> str:
+        """``">"`` if the interval lies above 0, ``"<"`` below, ``"~"`` if it holds 0."""
+        return ">" if self.low > 0 else "<" if self.high < 0 else "~"
 
     def format(self, decimals: int = 3) -> str:
         """``"0.123 [0.101, 0.144]"``, rounded (a negative zero printed as 0)."""
@@ -73,7 +108,13 @@ def _per_image(values, name: str) -> np.ndarray:
     return v
 
 
-def bootstrap_mean(values, confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+
+
+def bootstrap_mean(values, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = SEED,
+                   what: str = "images") -> Interval:
     """The mean of per-image ``values`` with a percentile bootstrap interval.
 
     Parameters
@@ -86,24 +127,26 @@ def bootstrap_mean(values, confidence: float = 0.95, resamples: int = RESAMPLES,
         Bootstrap resamples, each ``n`` images drawn with replacement.
     seed : int
         Seed of the generator: the same seed, the same interval.
+    what : str
+        What one value is, for :attr:`Interval.method`.
 
     Returns
     -------
     Interval
+        Values that are all equal give the zero-width interval.
     """
     from toolkit.similarity import mean_interval
 
     v = _per_image(values, "values")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    _check_confidence(confidence)
     if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 100:
         raise ValueError(f"resamples must be an integer >= 100, not {resamples!r}")
     mean, low, high, _ = mean_interval(v, n_resamples=int(resamples), confidence_level=confidence, seed=seed)
-    return Interval(mean, low, high, confidence)
+    return Interval(mean, low, high, confidence, f"bootstrap over {v.size} {what}")
 
 
-def bootstrap_difference(a, b, confidence: float = 0.95, resamples: int = RESAMPLES,
-                         seed: int = 0) -> Interval:
+def bootstrap_difference(a, b, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                         seed: int = SEED, what: str = "images") -> Interval:
     """``mean(a - b)`` over the same images, with a paired bootstrap interval.
 
     ``a`` and ``b`` hold one value per image, in the same order (two methods measured on
@@ -112,17 +155,59 @@ def bootstrap_difference(a, b, confidence: float = 0.95, resamples: int = RESAMP
     a, b = _per_image(a, "a"), _per_image(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b must hold the same images; got {a.size} and {b.size} values")
-    return bootstrap_mean(a - b, confidence, resamples, seed)
+    interval = bootstrap_mean(a - b, confidence, resamples, seed, what)
+    return Interval(interval.estimate, interval.low, interval.high, confidence, f"paired {interval.method}")
+
+
+def normal_interval(estimate: float, standard_error: float, confidence: float = CONFIDENCE,
+                    method: str = "") -> Interval:
+    """``estimate +- z * standard_error`` with ``z`` the normal quantile of ``confidence``
+    (the split-half intervals of :mod:`toolkit.quality`)."""
+    from scipy.stats import norm
+
+    _check_confidence(confidence)
+    half = float(norm.ppf(0.5 + confidence / 2)) * float(standard_error)
+    return Interval(float(estimate), float(estimate) - half, float(estimate) + half, confidence, method)
 
 
 def ordering(a, b, names: tuple[str, str] = ("A", "B"), **options) -> str:
     """``"A > B"`` or ``"A < B"`` where the interval of ``mean(a - b)`` excludes zero,
     ``"A ~ B"`` (indistinguishable here) where it does not; keyword options as for
     :func:`bootstrap_difference`."""
-    difference = bootstrap_difference(a, b, **options)
-    if not difference.excludes(0.0):
-        return f"{names[0]} ~ {names[1]}"
-    return f"{names[0]} {'>' if difference.estimate > 0 else '<'} {names[1]}"
+    sign = bootstrap_difference(a, b, **options).sign
+    return f"{names[0]} {sign} {names[1]}"
+
+
+def ranking(per_image: Mapping[str, object], **options) -> list[tuple[str, str]]:
+    """Rank methods by their mean, claiming only what the intervals separate.
+
+    Parameters
+    ----------
+    per_image : mapping name -> (N,) values
+        Every method measured on the same ``N`` images, larger is better.
+    **options
+        As for :func:`bootstrap_difference`.
+
+    Returns
+    -------
+    list of (name, relation)
+        Best mean first. ``relation`` compares the method with the *next* one: ``">"``
+        where the paired interval of their difference lies above 0, ``"~"`` where it
+        holds 0 (indistinguishable here); ``""`` for the last.
+    """
+    if not per_image:
+        raise ValueError("give at least one method")
+    values = {name: _per_image(v, name) for name, v in per_image.items()}
+    names = sorted(values, key=lambda n: -values[n].mean())
+    relations = [bootstrap_difference(values[a], values[b], **options).sign.replace("<", "~")
+                 for a, b in zip(names, names[1:])]
+    return list(zip(names, relations + [""]))
+
+
+def format_ranking(ranked: Sequence[tuple[str, str]], titles: Mapping[str, str] | None = None) -> str:
+    """``"A > B ~ C > D"`` from :func:`ranking` (``~``: indistinguishable here)."""
+    titles = dict(titles or {})
+    return "".join(titles.get(name, name) + (f" {relation} " if relation else "") for name, relation in ranked)
 
 
 #: The answers of :func:`verdict`.

@@ -102,6 +102,35 @@ class PerturbationResult:
     def images(self) -> int:
         return self.per_image.shape[0]
 
+    def aopc_interval(self, confidence: float = 0.95, resamples: int = 4000, seed: int = 0):
+        """The AOPC with a bootstrap interval over the images
+        (:func:`toolkit.intervals.bootstrap_mean` of :attr:`per_image_aopc`)."""
+        from toolkit.intervals import bootstrap_mean
+
+        return bootstrap_mean(self.per_image_aopc, confidence, resamples, seed)
+
+    def aopc_difference(self, other: "PerturbationResult", confidence: float = 0.95,
+                        resamples: int = 4000, seed: int = 0):
+        """``self.aopc - other.aopc`` with the bootstrap interval of the paired difference
+        (:func:`toolkit.intervals.bootstrap_difference`): both must have perturbed the
+        same images, explaining the same classes.
+
+        Raises
+        ------
+        ValueError
+            If the two results do not come from the same images (their number, the
+            predicted classes or the unperturbed probabilities differ).
+        """
+        from toolkit.intervals import bootstrap_difference
+
+        same = (self.images == other.images and torch.equal(self.predicted, other.predicted)
+                and torch.allclose(self.per_image[:, 0], other.per_image[:, 0]))
+        if not same:
+            raise ValueError("the two perturbation results were not measured on the same images "
+                             "(a paired difference needs the same images in the same order)")
+        return bootstrap_difference(self.per_image_aopc, other.per_image_aopc, confidence,
+                                    resamples, seed)
+
     @property
     def region_label(self) -> str:
         """What one region is, in words: ``"4x4 pixels"`` or ``"8 time steps"``."""

@@ -42,6 +42,14 @@ channels (``D = 288``), 0.6 MB for MobileNetV2's 960-channel depthwise convoluti
 shared moment. Use ``layers=`` to measure a subset and ``device=`` to compute on a GPU;
 ``benchmarks/layer_quality.py`` times a model.
 
+``layer_quality(..., intervals="split_half")`` (or ``"bootstrap"``) also gives every layer
+mean an interval, from moments kept per block of images (:class:`BlockMoments`):
+:meth:`QualityResult.interval` and, for rankings, :meth:`QualityResult.difference`. The
+split-half estimate evaluates ``rho`` on random halves of the blocks (twenty evaluations
+per layer); the bootstrap resamples the blocks (some hundred evaluations), and since a
+resample with repeated images acts like fewer samples, its ``rho`` is biased low and its
+interval lies below the estimate.
+
 ``layer_quality(..., regime="active")`` measures each neuron only over the samples where
 it is active (``z > 0``), from per-neuron active moments (:class:`ActiveLayerMoments`,
 ``K x D x D`` for ``K`` measured neurons; ``neurons=`` measures a reproducible subset of
@@ -51,7 +59,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -83,6 +91,8 @@ __all__ = [
     "collect_moments",
     "unexplained_linear",
     "unexplained_two_sided",
+    "INTERVAL_METHODS",
+    "BlockMoments",
 ]
 
 #: Over which samples each neuron is measured: all of them, or those where it is active.
@@ -796,6 +806,17 @@ class QualityResult:
         Layers of the model that were not measured, with the reason (:data:`ONE_INPUT`:
         a standalone BatchNorm, whose rho is undefined); they are not in ``layers``, and
         :meth:`table` names them below its rows.
+    interval_methods : dict[str, str]
+        Per layer, how its intervals were found (``"bootstrap"`` or ``"split_half"``);
+        empty unless :func:`layer_quality` was asked for ``intervals``.
+    replicates : dict[str, numpy.ndarray]
+        Per layer, the layer means of every estimator (last axis, in the order of
+        ``estimators``) on resampled images: ``(R, E)`` bootstrap replicates, or
+        ``(S, 2, E)`` for ``S`` splits into two halves.
+    blocks : dict[str, int]
+        Per layer, the number of blocks of images that were resampled or split.
+    confidence : float
+        The coverage of :meth:`interval` and :meth:`difference`.
     """
 
     layers: list[str]
@@ -810,6 +831,10 @@ class QualityResult:
     regime: str = "all"
     neurons: dict[str, Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    interval_methods: dict[str, str] = field(default_factory=dict)
+    replicates: dict[str, np.ndarray] = field(default_factory=dict)
+    blocks: dict[str, int] = field(default_factory=dict)
+    confidence: float = 0.95
 
     def undefined(self, layer: str) -> int:
         """The number of measured neurons of ``layer`` left out of the mean (any estimator)."""
@@ -820,6 +845,39 @@ class QualityResult:
         if layer in self.neurons:
             missing = missing[self.neurons[layer]]
         return int(missing.sum())
+
+    def interval(self, layer: str, estimator: str):
+        """The layer's mean ``rho`` of ``estimator`` with its interval
+        (:class:`toolkit.intervals.Interval`); needs ``layer_quality(..., intervals=...)``."""
+        return self._interval(layer, self.mean[layer][estimator], self._replicates(layer, estimator))
+
+    def difference(self, layer: str, a: str, b: str):
+        """``rho(a) - rho(b)`` of the layer with the interval of the *paired* difference
+        (the same resampled images for both estimators): the interval a ranking needs."""
+        return self._interval(layer, self.mean[layer][a] - self.mean[layer][b],
+                              self._replicates(layer, a) - self._replicates(layer, b))
+
+    def _replicates(self, layer: str, estimator: str) -> np.ndarray:
+        if layer not in self.replicates:
+            raise ValueError(f"no intervals for layer {layer!r}: measure with "
+                             "layer_quality(..., intervals='split_half' or 'bootstrap')")
+        if estimator not in self.estimators:
+            raise KeyError(f"no estimator {estimator!r}; measured: {self.estimators}")
+        return self.replicates[layer][..., self.estimators.index(estimator)]
+
+    def _interval(self, layer: str, estimate: float, replicates: np.ndarray):
+        from toolkit.intervals import Interval, normal_interval
+
+        blocks, kind = self.blocks[layer], self.interval_methods[layer]
+        if kind == "bootstrap":
+            tail = 50 * (1 - self.confidence)
+            low, high = np.percentile(replicates, [tail, 100 - tail])
+            return Interval(float(estimate), float(low), float(high), self.confidence,
+                            f"bootstrap over {blocks} blocks of images, {len(replicates)} resamples")
+        halves = replicates[:, 0] - replicates[:, 1]
+        error = math.sqrt(float(np.mean(halves ** 2))) / 2  # var(half) = 2 var(all)
+        return normal_interval(estimate, error, self.confidence,
+                               f"split-half, {len(replicates)} random halves of {blocks} blocks of images")
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         """``{layer: {estimator: mean rho}}``."""
@@ -842,7 +900,7 @@ class QualityResult:
             ideal[layer] = 1 - math.sqrt(d / (n - 1)) if n > d + 1 else 0.0
         return ideal
 
-    def table(self, decimals: int = 4, ideal: bool = False) -> str:
+    def table(self, decimals: int = 4, ideal: bool = False, intervals: bool = False) -> str:
         """The means as a text table, one row per layer, with the samples and ``D``.
 
         Parameters
@@ -853,6 +911,8 @@ class QualityResult:
             False: wide columns and, last, the number of neurons left out of the mean
             (the report of ``toolkit quality``). True: narrow columns and, last, the
             level of :meth:`ideal_rho` -- a short table that stays stable when rounded.
+        intervals : bool
+            Follow every mean by its interval ``[low, high]`` (:meth:`interval`).
 
         Layers that were not measured (:attr:`skipped`) are named below the rows, one
         line per reason.
@@ -863,16 +923,23 @@ class QualityResult:
         else:
             col, n_col, d_col, last_col = 15, 12, 7, 11
             samples, last = "{:>12,}", ("undefined", {k: self.undefined(k) for k in self.layers})
+        if intervals:
+            col = max(col, 3 * decimals + 14)
 
         def number(v: float, width: int) -> str:  # rounded first: no "-0.00"
             return f"{np.round(v, decimals) + 0.0:>{width}.{decimals}f}"
+
+        def cell(layer: str, estimator: str) -> str:
+            if not intervals:
+                return number(self.mean[layer][estimator], col)
+            return f"{self.interval(layer, estimator).format(decimals):>{col}}"
 
         width = max([len("layer")] + [len(n) for n in self.layers]) + 2
         head = (f"{'layer':<{width}}" + "".join(f"{e:>{col}}" for e in self.estimators)
                 + f"{'samples':>{n_col}}{'D':>{d_col}}{last[0]:>{last_col}}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
-            values = "".join(number(self.mean[layer][e], col) for e in self.estimators)
+            values = "".join(cell(layer, e) for e in self.estimators)
             tail = number(last[1][layer], last_col) if ideal else f"{last[1][layer]:>{last_col}}"
             lines.append(f"{layer:<{width}}{values}{samples.format(self.samples[layer])}"
                          f"{self.dims[layer]:>{d_col}}{tail}")
@@ -981,7 +1048,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
                   layers: Sequence[str] | None = None, device=None, max_batches: int | None = None,
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
                   batch_size: int = 64, regime: str = "all", neurons=None,
-                  mask: str | None = None) -> QualityResult:
+                  mask: str | None = None, intervals: str | None = None, blocks: int = 10,
+                  resamples: int | None = None, confidence: float = 0.95) -> QualityResult:
     """Measure ``rho(S)`` of signal estimators for every neuron layer of ``model``.
 
     A layer whose neurons have one input each (a standalone BatchNorm) has no quality
@@ -1045,6 +1113,27 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         The activity mask of a layer not followed directly by a ReLU (residual
         networks, :mod:`toolkit.layers.activity`); default: the mask the patterns were fitted
         with, else :data:`toolkit.layers.DEFAULT_MASK`.
+    intervals : {None, "split_half", "bootstrap"}
+        None (default): the layer means only. Otherwise the images are dealt into
+        ``blocks`` blocks (a tensor: consecutive images; an iterable: its batches in
+        turn), the moments are kept per block, and every layer mean gets an interval
+        (:meth:`QualityResult.interval`, :meth:`QualityResult.difference`):
+        ``"bootstrap"`` resamples the blocks with replacement
+        (:func:`scipy.stats.bootstrap`, percentile method, ``resamples`` times, default
+        200); ``"split_half"`` splits them ``resamples`` times (default 10) at random
+        into two halves, evaluates both, and takes the standard error of the whole as
+        half the root mean square difference of the halves (a normal interval). ``rho``
+        has a closed form but no per-image terms, so every resample costs one evaluation
+        of the layer (milliseconds for a small convolution, about a second for a dense
+        layer with 1,568 inputs): the bootstrap where that is affordable, split-half where
+        it is not. A half with no more samples than inputs has no defined ``rho``; its
+        interval is NaN. The estimates do not change. Not under several processes.
+    blocks : int
+        The number of blocks of images (at least 2).
+    resamples : int, optional
+        Bootstrap resamples or random splits (see ``intervals``).
+    confidence : float
+        Coverage of the intervals.
 
     Returns
     -------
@@ -1073,13 +1162,24 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
     if neurons is not None and regime != "active":
         raise ValueError("neurons= chooses the neurons of the active regime; pass regime='active'")
-    accumulator = _measurable(_active_accumulator(neurons, seed) if regime == "active" else None, layers)
+    accumulator = _active_accumulator(neurons, seed) if regime == "active" else None
+    if intervals is not None:
+        data, owner = _dealt_into_blocks(data, intervals, blocks, batch_size)
+        accumulator = _block_accumulator(accumulator, owner, blocks)
+    accumulator = _measurable(accumulator, layers)
     if mask is None:  # the mask the patterns were fitted with
         masks = {getattr(p, "mask", None) for p in pattern_sets.values() if p is not None} - {None}
         mask = masks.pop() if len(masks) == 1 else None
     plan, moments = collect_moments(model, data, layers=layers, device=device,
                                     max_batches=max_batches, progress=progress, batch_size=batch_size,
                                     accumulator=accumulator, mask=mask)
+    parts = None
+    if intervals is not None:
+        parts = {name: m.parts for name, m in moments.items() if isinstance(m, BlockMoments)}
+        if any(int(part.n) == 0 for m in parts.values() for part in m):
+            raise ValueError(f"intervals over {blocks} blocks need at least {blocks} batches; the data "
+                             "had fewer: give more batches or fewer blocks")
+        moments = {name: m.total() if isinstance(m, BlockMoments) else m for name, m in moments.items()}
     for p in pattern_sets.values():
         if p is not None:
             p.check(model, plan)
@@ -1092,7 +1192,170 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
             "estimator; measure on more data or set ridge > 0", RuntimeWarning, stacklevel=2)
     results = {label: _evaluate(plan, moments, p, estimators, regime, seed, ridge, rtol)
                for label, p in pattern_sets.items()}
+    if parts is not None:
+        _add_intervals(results, plan, parts, pattern_sets, intervals, resamples, confidence,
+                       dict(regime=regime, seed=seed, ridge=ridge, rtol=rtol))
     return results if several else results[None]
+
+
+# ----------------------------------------------------------------------------------
+# intervals: the moments per block of images, resampled or split in halves
+# ----------------------------------------------------------------------------------
+INTERVAL_METHODS = ("split_half", "bootstrap")
+
+
+def _dealt_into_blocks(data, intervals: str, blocks: int, batch_size: int) -> tuple[object, list[int] | None]:
+    """The data and the block of each of its batches. A tensor (or an iterable of fewer
+    batches than ``blocks``, joined into one) is cut into ``blocks`` runs of consecutive
+    images, then into batches; any other iterable deals its batches in turn (``None``: the
+    block of batch ``i`` is ``i % blocks``), without holding them."""
+    from toolkit.distributed import rank_and_world
+    from toolkit.streaming import input_batches
+
+    if intervals not in INTERVAL_METHODS:
+        raise ValueError(f"intervals must be one of {INTERVAL_METHODS} or None, not {intervals!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2:
+        raise ValueError(f"blocks must be an integer of at least 2, not {blocks!r}")
+    if rank_and_world()[1] > 1:
+        raise ValueError("intervals are not available under several processes: measure them "
+                         "in one process")
+    if not isinstance(data, Tensor) and hasattr(data, "__len__") and len(data) < blocks:
+        data = torch.cat(list(input_batches(data, batch_size)))
+    if not isinstance(data, Tensor):
+        return data, None
+    if data.dim() < 2 or data.shape[0] < blocks:
+        raise ValueError(f"intervals over {blocks} blocks need at least {blocks} images, "
+                         f"got data of shape {tuple(data.shape)}")
+    batches, owner = [], []
+    for index, block in enumerate(torch.tensor_split(data, blocks)):
+        for batch in block.split(batch_size):
+            batches.append(batch)
+            owner.append(index)
+    return batches, owner
+
+
+class BlockMoments:
+    """The moments of one layer kept per block of images (for the intervals of
+    :func:`layer_quality`); the interface of :class:`LayerMoments` for
+    :func:`toolkit.streaming.stream`, each batch added to its block's moments."""
+
+    def __init__(self, parts: list, owner: list[int] | None = None):
+        self.parts, self.owner, self.batches = parts, owner, 0
+
+    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
+        block = self.batches % len(self.parts) if self.owner is None else self.owner[self.batches]
+        self.parts[block].update(layer, x, z, active)
+        self.batches += 1
+
+    def flush(self) -> None:
+        for part in self.parts:
+            part.flush()
+
+    def settings(self) -> dict:
+        return {"moments": "BlockMoments", "blocks": len(self.parts)}
+
+    def state(self) -> dict[str, Tensor]:
+        return {f"{k}.{name}": t for k, part in enumerate(self.parts) for name, t in part.state().items()}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        for k, part in enumerate(self.parts):
+            part.load_state({name.split(".", 1)[1]: t for name, t in tensors.items()
+                             if name.split(".", 1)[0] == str(k)})
+
+    def all_reduce(self) -> None:
+        raise ValueError("intervals are not available under several processes")
+
+    def total(self, which=None):
+        """The moments of the blocks ``which`` (default all) added up, as one accumulator."""
+        chosen = [self.parts[k] for k in (range(len(self.parts)) if which is None else which)]
+        return _added(chosen)
+
+
+def _added(parts: list):
+    """One copy of ``parts[0]`` holding the sums of all ``parts`` (each re-expressed
+    relative to the first one's shift, exactly)."""
+    def copy(m):
+        return replace(m, **{f.name: getattr(m, f.name).clone() for f in fields(m)})
+
+    total = copy(parts[0])
+    for part in parts[1:]:
+        other = copy(part)
+        other.reshift(total.shift)
+        for f in fields(total):
+            if f.name not in ("shift", "neurons"):
+                setattr(total, f.name, getattr(total, f.name) + getattr(other, f.name))
+    return total
+
+
+def _block_accumulator(base, owner: list[int] | None, count: int):
+    """``accumulator(layer, device)`` of :func:`collect_moments` that keeps ``count`` of
+    ``base``'s accumulators (default :class:`LayerMoments`), one per block."""
+
+    def build(layer: Layer, device) -> BlockMoments:
+        if base is None:
+            make = lambda: LayerMoments.zeros(inputs_per_neuron(layer), layer.out_features, device,  # noqa: E731
+                                              layer.groups)
+        else:
+            make = lambda: base(layer, device)  # noqa: E731
+        return BlockMoments([make() for _ in range(count)], owner)
+
+    return build
+
+
+def _layer_means(layer: Layer, moments, directions: dict, regime: str, ridge: float,
+                 rtol: float) -> dict[str, float]:
+    """The mean ``rho`` over the defined neurons for every entry of ``directions``."""
+    weight = layer.weight().to(torch.float64)
+    rho_of = rho_active_from_moments if regime == "active" else rho_from_moments
+    rho, defined = rho_of(moments, weight, directions, ridge=ridge, rtol=rtol)
+    return {key: _masked_mean(rho[key], defined[key]) for key in directions}
+
+
+def _add_intervals(results: dict, plan: Plan, parts: dict, pattern_sets: dict, intervals: str,
+                   resamples: int | None, confidence: float, settings: dict) -> None:
+    """Fill the intervals of every result: the layer means of every estimator and every
+    set of patterns, on the same resampled (or halved) blocks."""
+    from scipy.stats import bootstrap
+
+    first = next(iter(results.values()))
+    estimators = first.estimators
+    count = resamples or (200 if intervals == "bootstrap" else 10)
+    for layer in plan:
+        if layer.name not in parts:  # a layer of one input per neuron: not measured
+            continue
+        weight = layer.weight().to(torch.float64)
+        directions = {(label, e): estimator_directions(e, weight, p[layer.name] if p is not None else None,
+                                                      settings["seed"])
+                      for label, p in pattern_sets.items() for e in estimators}
+        blocked = BlockMoments(parts[layer.name], [])
+        keys = list(directions)
+
+        def means(which) -> np.ndarray:
+            m = blocked.total(which)
+            if m.n <= m.dim + 1 and settings["ridge"] == 0:
+                return np.full(len(keys), math.nan)  # rho is not defined on so few samples
+            values = _layer_means(layer, m, directions, settings["regime"], settings["ridge"], settings["rtol"])
+            return np.array([values[k] for k in keys])
+
+        k = len(blocked.parts)
+        if intervals == "bootstrap":
+            result = bootstrap((np.arange(k),), lambda which: means(which), vectorized=False,
+                               n_resamples=count, method="percentile", confidence_level=confidence,
+                               rng=np.random.default_rng(settings["seed"]))
+            replicates = np.asarray(result.bootstrap_distribution).T  # (R, keys)
+        else:
+            rng = np.random.default_rng(settings["seed"])
+            splits = []
+            for _ in range(count):
+                order = rng.permutation(k)
+                splits.append([means(order[:k // 2]), means(order[k // 2:])])
+            replicates = np.asarray(splits)  # (S, 2, keys)
+        for label, result in results.items():
+            columns = [keys.index((label, e)) for e in estimators]
+            result.replicates[layer.name] = replicates[..., columns]
+            result.interval_methods[layer.name] = intervals
+            result.blocks[layer.name] = k
+            result.confidence = confidence
 
 
 def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], regime: str,

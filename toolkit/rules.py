@@ -12,6 +12,20 @@ tensor with the same values whose backward pass is the method's rule:
   activation's shape applied to the backward signal, ignoring the forward mask
   (DeconvNet), or times the forward derivative (Guided Backprop).
 
+At an addition
+--------------
+An addition ``u = z + s`` (a residual block) has no rule of its own: it is linear with
+weight 1 on each input, and every method passes the backward signal unchanged to both
+summands, as autograd does. For Gradient, DeconvNet and Guided Backprop that is the
+adjoint of the addition. For LRP-z, computed as input times gradient, it is the z-rule:
+``z g + s g = u g``, the relevance of ``u`` splits in proportion to the summands and is
+conserved. For PatternNet and PatternAttribution it amounts to the "pattern" ``(1, 1)``,
+which is no pattern (``w^T a = 2``, not 1): PatternAttribution hands back twice the
+relevance that reached the addition. Deep Taylor decomposition with PatternAttribution's
+root point asks instead for the split ``R_z = a_z R_u``, ``R_s = a_s R_u`` with the
+addition's own pattern (``a_z + a_s = 1``); docs/math.md, section 6.1, gives the argument
+and the measurement, and tests/test_conservation.py holds the toolkit to the rule it applies.
+
 Overflow
 --------
 The backward signal of PatternNet grows by about ``|a_+| |w|`` per layer (50-65 for a

@@ -18,6 +18,7 @@ tensors and a layer's output are never overwritten by an activation.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,7 +29,29 @@ from toolkit.layers.activations import Activation, activation_of_module
 from toolkit.layers.activity import Activity
 from toolkit.layers import operations
 
-__all__ = ["Hooks", "run", "observe"]
+__all__ = ["Hooks", "run", "observe", "watching"]
+
+#: Node name -> callbacks ``f(value) -> value`` applied to that node's value in every
+#: traced run (:func:`watching`).
+_WATCHED: dict[str, list[Callable[[Tensor], Tensor]]] = {}
+
+
+@contextmanager
+def watching(callbacks: dict[str, Callable[[Tensor], Tensor]]):
+    """While the block runs, every traced run (:func:`run`) passes the value of each named
+    node of the graph through its callback, whose result replaces it (an identity that
+    records, as :mod:`toolkit.conservation` uses it). The callback of ``"NAME"`` sees the
+    value after the per-sample rescaling of a join (``Hooks.normalise``), that of
+    ``"NAME:before"`` the value before it."""
+    for name, callback in callbacks.items():
+        _WATCHED.setdefault(name, []).append(callback)
+    try:
+        yield
+    finally:
+        for name, callback in callbacks.items():
+            _WATCHED[name].remove(callback)
+            if not _WATCHED[name]:
+                del _WATCHED[name]
 
 LayerCallback = Callable[["Layer", Tensor, Tensor], "Tensor | None"]  # noqa: F821
 ActivationCallback = Callable[[Activation, Tensor, Tensor], "Tensor | None"]
@@ -106,9 +129,10 @@ class _GraphRun(fx.Interpreter):
             result = result if replaced is None else replaced
         elif layer is not None:
             self.inputs.pop(layer.node, None)
+        result = _watched(name + ":before", result)
         if self.hooks.normalise is not None and name in self.joins:
             result = self.hooks.normalise(result)
-        return result
+        return _watched(name, result)
 
     def _activation(self, node):
         activation = self.graph_info.activations[node.name]
@@ -119,11 +143,19 @@ class _GraphRun(fx.Interpreter):
         if self.hooks.on_activation is not None:
             replaced = self.hooks.on_activation(activation, u, out)
             out = out if replaced is None else replaced
+        out = _watched(node.name + ":before", out)
         if self.hooks.normalise is not None and node.name in self.joins:
             out = self.hooks.normalise(out)
+        out = _watched(node.name, out)
         if node.name in self.graph_info.inplace:
             self.env[node.args[0]] = out
         return out
+
+
+def _watched(name: str, value):
+    for callback in _WATCHED.get(name, ()):
+        value = callback(value)
+    return value
 
 
 def _hooked_run(model: nn.Module, plan, x: Tensor, hooks: Hooks):
