@@ -34,6 +34,19 @@ def test_course_notebooks_are_found_in_order():
     assert names and names == sorted(names) and names[0].startswith("01_")
 
 
+def test_a_lesson_between_two_keeps_its_place(tmp_path):
+    from toolkit.reproduce import find_notebook
+
+    for name in ("02_images.ipynb", "01b_from_neuron_to_network.ipynb", "01_linear_toy.ipynb",
+                 "notes.ipynb", "10_late.ipynb"):
+        (tmp_path / name).write_text("{}")
+    names = [p.name for p in course_notebooks(tmp_path)]
+    assert names == ["01_linear_toy.ipynb", "01b_from_neuron_to_network.ipynb", "02_images.ipynb",
+                     "10_late.ipynb"]
+    assert find_notebook("01", tmp_path).name == "01_linear_toy.ipynb"
+    assert find_notebook("01b", tmp_path).name == "01b_from_neuron_to_network.ipynb"
+
+
 def test_missing_notebook_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no notebooks found"):
         course_notebooks(tmp_path)
@@ -128,3 +141,8 @@ def test_a_figure_name_repeated_across_notebooks_is_reported(tmp_path, monkeypat
                         lambda path, out, timeout: (out / path.name, [shared]))
     with pytest.warns(UserWarning, match="02_b.ipynb writes fig4_layer_quality.png, replacing the figure of 01_a"):
         reproduce_module.reproduce(tmp_path / "out", notebooks)
+
+
+def test_the_shipped_course_includes_every_chapter():
+    stems = [p.name.split("_", 1)[0] for p in course_notebooks()]
+    assert stems[:2] == ["01", "01b"] and {"07", "08"} <= set(stems)

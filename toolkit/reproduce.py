@@ -26,9 +26,11 @@ NOTEBOOK_DIR = shipped_dir("notebooks")
 
 
 def course_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
-    """The course's notebooks in order (their names start with the lesson number)."""
+    """The course's notebooks in order (their names start with the lesson number, two
+    digits and an optional letter for a lesson placed between two: ``01_``, ``01b_``, ``02_``)."""
     directory = Path(directory)
-    notebooks = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(directory.glob("[0-9][0-9]*_*.ipynb"),
+                       key=lambda path: path.name.split("_", 1)[0])
     if not notebooks:
         raise FileNotFoundError(
             f"no notebooks found in {directory}: the package was installed without its "
