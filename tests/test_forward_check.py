@@ -9,6 +9,12 @@ What must hold:
 * what the allow-list admits (views, shape arithmetic, functional ReLU and pooling,
   dropout in eval mode, scaling by a Python number) works, and the gradient through it
   equals autograd's; every method treats a functional ReLU as an ``nn.ReLU`` module;
+* modules of other libraries that only reshape (an unsqueeze loop, einops' Rearrange and
+  ``rearrange``) are traced into and accepted, with nn.Unflatten and zero ConstantPad; a
+  rearrange that folds the batch and a non-zero pad are refused; a parametrized weight
+  (``torch.nn.utils.parametrize``) is fitted and explained as the forward pass uses it
+  (against the same network with plain weights); the input's rank is checked where the
+  model's first convolution gets it;
 * a forward torch.fx cannot trace gets an UnverifiedForwardWarning that says what was
   not checked; the supported models (torchvision VGG/AlexNet, toolkit.models' SmallVGG
   and MiniVGG16) are traced and pass without a warning.
@@ -320,3 +326,140 @@ def test_cli_fit_and_explain_refuse_forward_code(factory, tmp_path, capsys):
     assert operation in err and f"{factory}.forward" in err
 
 
+
+
+# ----------------------------------------------------------------------------------
+# the code around the layers: reshaping modules, padding, parametrized weights, ranks
+# ----------------------------------------------------------------------------------
+class MaxNorm(nn.Module):
+    """A max-norm constraint as a weight parametrization: every row scaled to norm <= 0.4."""
+
+    def forward(self, w):
+        norms = w.flatten(1).norm(dim=1).clamp(min=0.4)
+        return w * (0.4 / norms).reshape(-1, *([1] * (w.dim() - 1)))
+
+
+def constrained_net(parametrized: bool) -> nn.Module:
+    """(N, C, T) unsqueezed before a Conv2d, a Conv1d, a Linear; with ``parametrized`` the
+    two last carry a max-norm parametrization."""
+    torch.manual_seed(3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.spatial = nn.Conv2d(1, 4, (3, 1))       # over the 3 channels, per time step
+            self.conv = nn.Conv1d(4, 5, 3, padding="same")
+            self.out = nn.Linear(5 * 12, 3)
+
+        def forward(self, x):
+            x = F.relu(self.spatial(x.unsqueeze(1))).squeeze(2)
+            x = F.relu(self.conv(x))
+            return self.out(x.flatten(1))
+
+    net = Net().double().eval()
+    if parametrized:
+        for module in (net.conv, net.out):
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", MaxNorm())
+    return net
+
+
+def test_a_parametrized_weight_is_the_weight_the_forward_pass_uses():
+    """Patterns and explanations of a network with parametrized weights equal those of the
+    same network with plain weights set to the parametrized values; the gradient equals
+    autograd's and every pattern has the shape of its layer's weight."""
+    net = constrained_net(True)
+    plain = constrained_net(False)
+    with torch.no_grad():
+        for name in ("conv", "out"):
+            constrained = getattr(net, name).weight
+            assert not torch.allclose(constrained, getattr(plain, name).weight)   # the constraint acts
+            getattr(plain, name).weight.copy_(constrained)
+    x = torch.randn(96, 3, 12, dtype=torch.float64)
+    assert torch.equal(net(x), plain(x))
+    fitted = fit_patterns(net, [x[:48], x[48:]], progress=False)
+    reference = fit_patterns(plain, [x[:48], x[48:]], progress=False)
+    assert set(fitted.layers) == {"spatial", "conv", "out"}
+    for name, layer in fitted.layers.items():
+        for kind, t in layer.tensors().items():
+            assert t.shape == getattr(net, name).weight.shape
+            torch.testing.assert_close(t, reference.layers[name].tensors()[kind], rtol=1e-9, atol=1e-12)
+    target = int((net(x) > 0).sum(0).argmax())
+    xi = x[:4].clone().requires_grad_(True)
+    net(xi)[:, target].sum().backward()
+    torch.testing.assert_close(Gradient(net).attribute(x[:4], target), xi.grad, rtol=1e-9, atol=1e-12)
+    for cls in (PatternNet, PatternAttribution):
+        torch.testing.assert_close(cls(net, fitted).attribute(x[:4], target),
+                                   cls(plain, reference).attribute(x[:4], target), rtol=1e-9, atol=1e-12)
+
+
+def test_a_parametrized_layer_alone_is_one_layer():
+    layer = nn.Linear(4, 2).double()
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", MaxNorm())
+    plan = trace(layer, torch.randn(3, 4, dtype=torch.float64))
+    assert plan.names == ["Linear"]
+    torch.testing.assert_close(plan.layers[0].weight(), layer.weight.detach())
+
+
+def test_the_input_shape_check_follows_the_model():
+    """An (N, C, T) input unsqueezed before a first Conv2d is fine; an input that reaches
+    the Conv2d with the wrong rank is refused, naming the layer."""
+    net = constrained_net(False)
+    assert trace(net, torch.randn(2, 3, 12, dtype=torch.float64)).names == ["spatial", "conv", "out"]
+    with pytest.raises(ValueError, match=r"layer 'spatial' \(Conv2d\) needs them"):
+        trace(net, torch.randn(2, 1, 3, 12, dtype=torch.float64))
+
+
+class Reshaper(nn.Module):
+    """A module of another library that only reshapes (like braindecode's Ensure4d)."""
+
+    def forward(self, x):
+        while len(x.shape) < 4:
+            x = x.unsqueeze(-1)
+        return x
+
+
+def test_modules_that_only_reshape_are_traced_into():
+    einops = pytest.importorskip("einops")
+    from einops.layers.torch import Rearrange
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ensure = Reshaper()
+            self.shuffle = Rearrange("b c t 1 -> b 1 t c")
+            self.conv = nn.Conv2d(1, 3, (5, 4), padding=(2, 0))
+            self.unflatten = nn.Unflatten(1, (3, 1))
+            self.pad = nn.ConstantPad1d((1, 1), 0.0)
+            self.out = nn.Linear(3 * 14, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(self.shuffle(self.ensure(x))))       # (N, 3, T, 1)
+            x = self.pad(self.unflatten(x.flatten(2)).squeeze(2))         # (N, 3, T + 2)
+            return self.out(einops.rearrange(x, "b f t -> b (f t)"))
+
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    x = torch.randn(6, 4, 12, dtype=torch.float64)
+    plan = trace(net, x)
+    assert plan.names == ["conv", "out"] and plan.forward_verified
+    xi = x.clone().requires_grad_(True)
+    net(xi)[:, 1].sum().backward()
+    torch.testing.assert_close(Gradient(net).attribute(x, 1), xi.grad, rtol=1e-9, atol=1e-12)
+    net.pad.value = 1.0
+    with pytest.raises(UnsupportedLayerError, match="'pad' of type ConstantPad1d .* value 1.0"):
+        trace(net, x)
+
+
+def test_a_rearrange_that_folds_the_batch_is_refused():
+    einops = pytest.importorskip("einops")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(einops.rearrange(x, "b c t -> (b c) 1 t"))
+
+    with pytest.raises(UnsupportedLayerError, match="reshape.*mixes the samples"):
+        trace(Net().eval(), torch.randn(2, 3, 8))

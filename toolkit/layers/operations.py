@@ -29,7 +29,7 @@ __all__ = ["ALLOWED_OPERATIONS", "ALLOWED_SUMMARY", "category", "operation_name"
 ALLOWED_OPERATIONS = {
     **dict.fromkeys(("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "unflatten",
                      "permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "narrow",
-                     "select", "getitem", "clone"), "reshape"),
+                     "select", "index_select", "getitem", "clone"), "reshape"),
     **dict.fromkeys(("cat", "concat", "concatenate", "stack"), "concatenation"),
     **dict.fromkeys(("chunk", "split", "tensor_split", "unbind"), "split"),
     **dict.fromkeys(("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -58,7 +58,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 #: method too, the tensor is ``args[0]``) and its default.
 _AXIS_ARGUMENT = {"cat": (1, 0), "concat": (1, 0), "concatenate": (1, 0), "stack": (1, 0),
                   "chunk": (2, 0), "split": (2, 0), "tensor_split": (2, 0), "unbind": (1, 0),
-                  "narrow": (1, None), "select": (1, None), "mean": (1, None), "sum": (1, None),
+                  "narrow": (1, None), "select": (1, None), "index_select": (1, None), "mean": (1, None), "sum": (1, None),
                   "unflatten": (1, None)}
 
 def operation_name(node) -> str:

@@ -15,11 +15,12 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from toolkit.layers.activations import activation_of_module
 from toolkit.layers.adapters import BATCHNORMS, ConvOps, NeuronOps, adapter_for
 from toolkit.layers.tracing import (PASSIVE_MODULES, ModelGraph, UnsupportedLayerError, UntraceableError,
-                                    trace_graph, unsupported)
+                                    passive_refusal, trace_graph, unsupported)
 from toolkit.layers import operations
 
 __all__ = ["Layer", "Plan", "trace", "evaluation_mode", "check_forward", "UnverifiedForwardWarning"]
@@ -234,7 +235,7 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
     """
     modules = dict(model.named_modules())
     with evaluation_mode(model):
-        if next(model.children(), None) is None:
+        if all(name == "parametrizations" for name, _ in model.named_children()):
             return _single_module(model, example)
         try:
             graph = trace_graph(model, example)
@@ -256,7 +257,7 @@ def trace(model: nn.Module, example: Tensor) -> Plan:
 
 def _single_module(model: nn.Module, example: Tensor) -> Plan:
     """A model that is one neuron layer itself (nothing runs between modules)."""
-    name = type(model).__name__
+    name = parametrize.type_before_parametrizations(model).__name__
     if adapter_for(model) is None:
         raise unsupported(name, model)
     layer = Layer(name, model)
@@ -279,8 +280,9 @@ def _trace_by_hooks(model: nn.Module, example: Tensor) -> Plan:
             calls.append((name, module, inputs[0] if inputs else None, output))
         return hook
 
-    leaves = [(n, m) for n, m in model.named_modules()
-              if next(m.children(), None) is None or adapter_for(m) is not None]
+    inside = _parametrizations(model)
+    leaves = [(n, m) for n, m in model.named_modules() if n not in inside
+              and (next(m.children(), None) is None or adapter_for(m) is not None)]
     handles = [m.register_forward_hook(record(n)) for n, m in leaves]
     try:
         with torch.no_grad():
@@ -294,6 +296,9 @@ def _trace_by_hooks(model: nn.Module, example: Tensor) -> Plan:
         if adapter_for(module) is None and activation_of_module(module) is None and \
                 not isinstance(module, PASSIVE_MODULES):
             raise unsupported(name, module)
+        why = passive_refusal(module) if isinstance(module, PASSIVE_MODULES) else None
+        if why is not None:
+            raise unsupported(name, module, why)
         if isinstance(module, BATCHNORMS) and previous is not None and previous[3] is inp \
                 and layers and layers[-1].module is previous[1] and layers[-1].batchnorm is None \
                 and not isinstance(previous[1], BATCHNORMS):
@@ -309,6 +314,18 @@ def _trace_by_hooks(model: nn.Module, example: Tensor) -> Plan:
     if not layers:
         raise UnsupportedLayerError(f"model {type(model).__name__} has no neuron layer")
     return Plan(layers, tuple(example.shape[1:]), False, None)
+
+
+def _parametrizations(model: nn.Module) -> set[str]:
+    """The names of the modules that compute a parametrized weight
+    (``torch.nn.utils.parametrize``): they are part of their layer's weight, not of the
+    forward pass between layers."""
+    names = set()
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            prefix = f"{name}.parametrizations" if name else "parametrizations"
+            names |= {f"{prefix}.{n}" if n else prefix for n, _ in module.parametrizations.named_modules()}
+    return names
 
 
 def check_forward(model: nn.Module, example: Tensor) -> bool:

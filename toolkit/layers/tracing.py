@@ -14,7 +14,10 @@ Modules the toolkit knows stay single calls in the graph: neuron layers
 and the passive modules of :data:`PASSIVE_MODULES`. Any other module of ``torch.nn``
 is refused by its type (SiLU, GELU, LayerNorm, attention ...), naming it; a module of
 any other library (braindecode's ``Ensure4d``, einops' ``Rearrange``, the user's own
-blocks) is traced into and judged by the operations it performs.
+blocks) is traced into and judged by the operations it performs, and so are einops'
+functions (``rearrange``). A layer with a parametrized weight
+(``torch.nn.utils.parametrize``) is a layer like any other: its adapter reads the weight
+the forward pass computes.
 
 The result, :class:`ModelGraph`, says for every node what it is (a layer, an
 activation, an allowed operation), which nodes carry the input's signal, and which of
@@ -23,6 +26,9 @@ where the backward passes may rescale their signal).
 """
 from __future__ import annotations
 
+import inspect
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +50,7 @@ PASSIVE_MODULES = (
     nn.Flatten, nn.Unflatten, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ChannelShuffle,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,   # with value 0 only (passive_refusal)
 )
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -69,6 +76,16 @@ def unsupported(name: str, module: nn.Module, why: str = "") -> UnsupportedLayer
     return UnsupportedLayerError(f"layer '{name}' of type {type(module).__name__} is not supported: {why}")
 
 
+def passive_refusal(module: nn.Module) -> str | None:
+    """Why a module of :data:`PASSIVE_MODULES` is refused with its settings, or None."""
+    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) and module.training:
+        return "dropout in training mode is random"
+    if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and module.value != 0:
+        return (f"it pads with the value {module.value}, an offset (only zero padding is linear in "
+                "the signal)")
+    return None
+
+
 def _is_known(module: nn.Module) -> bool:
     return (adapter_for(module) is not None or activation_of_module(module) is not None
             or isinstance(module, PASSIVE_MODULES))
@@ -86,15 +103,32 @@ _RANKS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy that knows its example value: its length is concrete."""
+    """A proxy that knows its example value: its length and a tensor's rank are concrete
+    (the rank of every tensor is fixed once the input's is, as control flow on shapes is)."""
 
     def __len__(self) -> int:
         return len(self.node.meta["value"])
 
+    def __getattr__(self, k: str):
+        value = self.node.meta.get("value")
+        if k == "ndim" and isinstance(value, Tensor):
+            return value.ndim   # a plain int: einops looks its recipe up by the rank
+        return _ValueAttribute(self, k)
+
+
+class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
+    """``x.shape``, ``x.view`` ...: an attribute whose value is known (``len(x.shape)``)."""
+
+    def __call__(self, *args, **kwargs):
+        value = self.root.node.meta.get("value")
+        if self.attr in ("dim", "ndimension") and isinstance(value, Tensor) and not args and not kwargs:
+            return value.dim()
+        return super().__call__(*args, **kwargs)
+
 
 #: Queries of a tensor's shape: their results carry no data, so control flow on them is fine.
 _SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "shape", "ndim", "dtype", "device", "is_cuda",
-                  "get_device"}
+                  "get_device", "is_floating_point"}
 
 
 class _ValueTracer(fx.Tracer):
@@ -261,8 +295,8 @@ def trace_graph(model: nn.Module, example: Tensor) -> ModelGraph:
     batch = example[:2] if example.shape[0] >= 2 else torch.cat([example[:1], example[:1]])
     tracer = _ValueTracer(batch.clone(), tuple(example.shape))
     try:
-        with torch.no_grad():
-            graph = tracer.trace(model)
+        with torch.no_grad(), _einops_traced():
+            graph = tracer.trace(model, concrete_args=_defaults(model))
     except UnsupportedLayerError:
         raise
     except _ExampleError as error:
@@ -272,6 +306,35 @@ def trace_graph(model: nn.Module, example: Tensor) -> ModelGraph:
         raise UntraceableError(first) from error
     module = fx.GraphModule(tracer.root, graph)
     return _Judge(model, module, batch.shape[0]).run()
+
+
+@contextmanager
+def _einops_traced():
+    """einops' functions (``rearrange(x, "b c t -> b 1 c t")``) take the traced values
+    for torch tensors while tracing, so that they are traced into the reshapes and
+    permutes they perform (einops is used only when the model has imported it)."""
+    backends = sys.modules.get("einops._backends")
+    if backends is None:
+        yield
+        return
+    known = backends._type2backend
+    torch_backend = backends.get_backend(torch.zeros(()))
+    added = [t for t in (_ValueProxy, _ValueAttribute) if t not in known]
+    known.update(dict.fromkeys(added, torch_backend))
+    try:
+        yield
+    finally:
+        for t in added:
+            known.pop(t, None)
+
+
+def _defaults(model: nn.Module) -> dict:
+    """The optional parameters of ``model.forward`` after the input, fixed to their
+    defaults: the toolkit calls ``model(x)``, so ``if mask is None:`` takes the branch
+    the call takes (a proxy in their place would never be None)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters
+            if p.default is None or isinstance(p.default, (bool, int, float, str))}
 
 
 class _Judge:
@@ -330,8 +393,9 @@ class _Judge:
                 self.inplace.add(node.name)
             return
         if isinstance(module, PASSIVE_MODULES):
-            if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) and module.training:
-                raise unsupported(name, module, "dropout in training mode is random")
+            why = passive_refusal(module)
+            if why is not None:
+                raise unsupported(name, module, why)
             return
         ops = adapter_for(module)
         if ops is None:
