@@ -141,3 +141,8 @@ def test_a_figure_name_repeated_across_notebooks_is_reported(tmp_path, monkeypat
                         lambda path, out, timeout: (out / path.name, [shared]))
     with pytest.warns(UserWarning, match="02_b.ipynb writes fig4_layer_quality.png, replacing the figure of 01_a"):
         reproduce_module.reproduce(tmp_path / "out", notebooks)
+
+
+def test_the_shipped_course_includes_every_chapter():
+    stems = [p.name.split("_", 1)[0] for p in course_notebooks()]
+    assert stems[:2] == ["01", "01b"] and {"07", "08"} <= set(stems)
