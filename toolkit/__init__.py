@@ -29,7 +29,8 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "estimators", "layers", "streaming", "residual", "patterns", "precision", "methods",
+    "linear", "estimators", "layers", "streaming", "residual", "patterns", "fingerprint", "precision",
+    "methods",
     "quality", "perturbation", "experiment",
     "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
 )

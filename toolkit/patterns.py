@@ -18,7 +18,6 @@ The formulas, the sums and the conventions are in docs/math.md, sections 2-3.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
+from toolkit.fingerprint import fingerprint
 from toolkit.layers import Layer, Plan
 from toolkit.precision import tf32
 from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
@@ -576,27 +576,6 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global"
         counts.update(dead=int((n_pos == 0).sum()), always_active=int((n_pos == t["n"]).sum()))
     patterns = LayerPatterns(**{k: v.reshape(weight.shape) for k, v in result.items()})
     return patterns, counts
-
-
-# ----------------------------------------------------------------------------------
-# fingerprint of a model
-# ----------------------------------------------------------------------------------
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's architecture and weights.
-
-    Covers every module's qualified name and type, and every tensor of the state dict
-    (names, shapes and values rounded to float32, so a model cast to float64 keeps its
-    fingerprint).
-    """
-    h = hashlib.sha256()
-    for name, module in model.named_modules():
-        h.update(f"{name}:{type(module).__name__};".encode())
-    for name, t in model.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        if t.is_floating_point():
-            t = t.detach().to("cpu", torch.float32)
-        h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
-    return h.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------
