@@ -99,7 +99,7 @@ def kept_components(reference) -> int:
     """How many (neuron, component) pairs pattern_difference compares."""
     total = 0
     for name in reference.names:
-        s = reference.statistics[name]
+        s = reference[name]
         floor = max(100, 0.01 * float(s.n))
         total += len(s.n_pos) * (float(s.n) >= floor)
         total += int((s.n_pos >= floor).sum()) + int((s.n - s.n_pos >= floor).sum())
@@ -115,8 +115,7 @@ def test_float32_products_agree_with_float64_reference(model, images, reference)
     assert set(difference) == set(reference.names)
     assert max(difference.values()) < RTOL_FLOAT32, difference
     # the comparison is not empty: most components of every layer are compared
-    assert kept_components(reference) > 0.8 * sum(3 * len(reference.statistics[n].n_pos)
-                                                   for n in reference.names)
+    assert kept_components(reference) > 0.8 * sum(3 * len(reference[n].n_pos) for n in reference.names)
     # the linear patterns use every sample: all neurons, no exceptions
     for name in reference.names:
         a, ref = fast[name].linear.double(), reference[name].linear
@@ -131,11 +130,13 @@ def test_float64_products_of_a_float32_model_are_closer(model, images, reference
 
 
 def test_sums_stay_float64_whatever_the_compute_dtype(model, images):
-    fast = fit_patterns(model, batches(images), compute_dtype=torch.float32, progress=False)
+    fast = fit_patterns(model, batches(images), compute_dtype=torch.float32, progress=False,
+                        keep_statistics=True)
+    assert set(fast.statistics) == set(fast.names)
     for stats in fast.statistics.values():
         assert all(t.dtype == torch.float64 for t in stats.tensors().values())
-    for p in fast.layers.values():
-        assert all(t.dtype == torch.float64 and torch.isfinite(t).all() for t in p.tensors().values())
+    for p in fast.layers.values():  # the patterns are held in the model's dtype
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in p.tensors().values())
 
 
 # ----------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_channels_last_float64_gives_the_same_patterns(model, images, reference)
                                        rtol=RTOL_LAYOUT_FLOAT64, atol=RTOL_LAYOUT_FLOAT64)
     # and the counts, exactly
     for name in reference.names:
-        assert torch.equal(patterns.statistics[name].n_pos, reference.statistics[name].n_pos)
+        assert torch.equal(patterns[name].n_pos, reference[name].n_pos)
 
 
 def test_channels_last_float32_agrees_with_contiguous_float32(model, images):
@@ -182,7 +183,7 @@ def test_pattern_difference_sees_a_changed_neuron(reference):
     changed = reference[name].linear.clone()
     changed[3] *= 1.01
     layers[name] = LayerPatterns(changed, reference[name].positive, reference[name].negative)
-    other = Patterns(layers, reference.fingerprint, reference.statistics)
+    other = Patterns(layers, reference.fingerprint)
     difference = precision.pattern_difference(other, reference)
     assert math.isclose(difference[name], 0.01, rel_tol=1e-9)
     assert all(v == 0.0 for layer, v in difference.items() if layer != name)
@@ -194,7 +195,7 @@ def test_pattern_difference_leaves_out_components_with_few_samples(reference):
 
     rare = []  # (count, layer, kind, neuron) of the components with a few samples
     for name in reference.names:
-        s = reference.statistics[name]
+        s = reference[name]
         for kind, counts in (("positive", s.n_pos), ("negative", s.n - s.n_pos)):
             for j, count in enumerate(counts.tolist()):
                 if 0 < count < max(100, 0.01 * float(s.n)):
@@ -206,7 +207,7 @@ def test_pattern_difference_leaves_out_components_with_few_samples(reference):
     p[kind] = p[kind].clone()
     p[kind][j] += 1.0
     layers[name] = LayerPatterns(**p)
-    other = Patterns(layers, reference.fingerprint, reference.statistics)
+    other = Patterns(layers, reference.fingerprint)
     assert precision.pattern_difference(other, reference)[name] == 0.0
     assert precision.pattern_difference(other, reference, min_samples=0, min_fraction=0.0)[name] > 0
 

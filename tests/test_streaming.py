@@ -65,7 +65,7 @@ def test_float32_products_equal_float64_products(case):
     default = fit(model, data)                              # products in float32
     reference = fit(model, data, compute_dtype=torch.float64)
     for name in reference.names:
-        assert default.statistics[name].n == reference.statistics[name].n
+        assert default[name].n == reference[name].n
         for kind in KINDS:
             err = frobenius_error(getattr(default[name], kind), getattr(reference[name], kind))
             assert err <= 1e-5, f"{name}/{kind}: {err:.2e}"
@@ -86,7 +86,7 @@ def test_compute_dtype_is_validated():
 def test_sums_equal_brute_force(kinds):
     model = conv_net()
     x = images(30)
-    patterns = fit(model, list(torch.split(x, 7)), kinds=kinds)
+    patterns = fit(model, list(torch.split(x, 7)), kinds=kinds, keep_statistics=True)
     conv_input, conv_output = layer_inputs_outputs(model, x, outputs={"conv1": "bn1"})["conv1"]
     conv = model.conv1
     patches, z = patch_rows(conv, conv_input), position_rows(conv_output)
@@ -106,6 +106,8 @@ def test_sums_equal_brute_force(kinds):
     if "linear" in kinds:
         expected["sum_xy"] = y.T @ patches
     got = patterns.statistics[layer].unshifted()
+    if "n_pos" in expected:  # the patterns carry the counts themselves
+        assert torch.equal(patterns[layer].n_pos, expected["n_pos"])
     assert conv.weight.shape[1:] == (3, 3, 3)
     for key, t in expected.items():
         g = got[key].reshape(t.shape)
@@ -233,7 +235,7 @@ def test_never_active_output_neurons_are_warned_about_and_reported():
 
 def test_statistics_survive_a_round_trip_through_their_tensors():
     model = conv_net()
-    patterns = fit(model, batches())
+    patterns = fit(model, batches(), keep_statistics=True)
     s = patterns.statistics["conv1"]
     copy = Statistics.from_tensors(s.tensors(), s.kinds)
     for key, t in s.unshifted().items():
