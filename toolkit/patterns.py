@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.fingerprint import fingerprint
 from toolkit.layers import Layer, Plan
+from toolkit.memory import release_freed_memory
 from toolkit.pattern_files import (PATTERN_DTYPES, LayerRecord, PatternFile, PatternFileError, read_patterns,
                                    write_patterns)
 from toolkit.precision import tf32
@@ -712,6 +713,8 @@ class Patterns:
             stats = statistics[layer.name] if keep else statistics.pop(layer.name)
             made[layer.name] = estimate_patterns(stats, layer.weight(), mean_y, dtype=dtype, free=not keep)
             del stats
+            if not keep:
+                release_freed_memory()  # sums streamed into the heap: their pages go back now
         layers = {layer.name: made[layer.name][0] for layer in plan}
         counts = {layer.name: made[layer.name][1] for layer in plan}
         return cls(layers, fingerprint, statistics if keep else None, mean_y, counts)
