@@ -148,6 +148,7 @@ def test_raw_pixels_float32_products_equal_float64_products(one_thread):
         warnings.simplefilter("ignore", UserWarning)  # output neurons never active: a_+ = 0
         default = fit_patterns(model, data, mean_y="global", progress=False)
         reference = fit_patterns(model, data, mean_y="global", compute_dtype=torch.float64, progress=False)
+    assert torch.backends.mkldnn.enabled  # switched off only around the fit's own products
     n = reference["0"].n
     assert min(reference["0"].n_pos.min(), n - reference["0"].n_pos.max()) < 0.002 * n  # a rare side
     for name in reference.names:

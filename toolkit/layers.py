@@ -191,6 +191,19 @@ class LinearOps(NeuronOps):
         return x.reshape(-1, x.shape[-1])
 
 
+@contextmanager
+def _without_onednn(switch: bool):
+    """oneDNN off for the block (if ``switch``), and back as it was. Only the one switch:
+    ``torch.backends.mkldnn.flags`` would set its TF32 flag too, which warns."""
+    before = torch.backends.mkldnn.enabled
+    if switch:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 @layer_type(nn.Conv2d)
 class Conv2dOps(NeuronOps):
     """A convolution: every output position of every image is one sample, whose input
@@ -217,7 +230,7 @@ class Conv2dOps(NeuronOps):
         relative on the active-side sums of 32 images of 32x32, against 9e-7), and is no
         faster on VGG16's layers (docs/math.md, section 3.2)."""
         shape = (g.shape[1], x.shape[1], *self.module.kernel_size)
-        with torch.backends.mkldnn.flags(enabled=x.device.type != "cpu"):
+        with _without_onednn(x.device.type == "cpu"):
             return torch.nn.grad.conv2d_weight(x, shape, g, *self._geometry())
 
     def cover_sums(self, input_shape, g):

@@ -25,7 +25,6 @@ The formulas, the sums and the conventions are in docs/math.md, sections 2-3.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from contextlib import nullcontext
@@ -566,11 +565,13 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Ten
 SOLVE_BLOCK_ELEMENTS = 2 ** 23
 
 
-def _pattern_dtype(dtype, weight: Tensor) -> torch.dtype:
+def _pattern_dtype(dtype, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype patterns are held in: ``dtype`` (float32 or float64) if given, else the
-    model's (its weight's) dtype, at least float32."""
+    model's dtype, at least float32 (None when neither is known)."""
     if dtype is None:
-        return torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if model_dtype is None:
+            return None
+        return torch.float64 if model_dtype == torch.float64 else torch.float32
     if dtype not in PATTERN_DTYPES:
         raise ValueError(f"patterns are held in torch.float32 or torch.float64, not {dtype!r}")
     return dtype
@@ -604,7 +605,7 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global",
         samples (the authors' code) or over the samples of the component (the seminar).
     dtype : torch.dtype, optional
         The dtype of the patterns: float32 or float64; default the weight's dtype, at
-        least float32 (:func:`_pattern_dtype`).
+        least float32.
     free : bool
         Release the sums as soon as no remaining pattern needs them: ``stats`` is left
         empty (what :func:`fit_patterns` does unless it keeps the statistics).
@@ -620,7 +621,7 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global",
         raise ValueError(f"mean_y must be one of {MEAN_Y_CONVENTIONS}, not {mean_y!r}")
     if not stats.tensors_ or stats.n <= 0:
         raise ValueError("the statistics hold no samples: fit on at least one batch")
-    dtype = _pattern_dtype(dtype, weight)
+    dtype = _pattern_dtype(dtype, weight.dtype)
     s = stats.to("cpu")
     if free:
         stats.tensors_ = {}
@@ -837,7 +838,7 @@ class Patterns:
         if statistics and set(self.statistics) != set(self.names):
             raise ValueError("these patterns keep no statistics to save: fit them with "
                              "fit_patterns(..., keep_statistics=True), or save without statistics")
-        dtype = None if dtype is None else _pattern_dtype(dtype, torch.empty(0))
+        dtype = _pattern_dtype(dtype)
         layers = {name: LayerRecord({k: t.to(dtype or t.dtype) for k, t in p.tensors().items()}, p.n, p.n_pos,
                                     self.statistics[name].tensors() if statistics else None)
                   for name, p in self.layers.items()}
@@ -868,7 +869,7 @@ class Patterns:
         if not path.exists():
             raise FileNotFoundError(f"no patterns file at {path}")
         contents = read_patterns(path, Statistics.shapes)
-        dtype = None if dtype is None else _pattern_dtype(dtype, torch.empty(0))
+        dtype = _pattern_dtype(dtype)
         layers = {name: LayerPatterns(**{k: t.to(dtype or t.dtype) for k, t in r.patterns.items()},
                                       n=r.n, n_pos=r.n_pos)
                   for name, r in contents.layers.items()}
