@@ -462,7 +462,14 @@ def test_patterns_are_held_and_saved_in_the_model_dtype(tmp_path):
     patterns_bytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
                          if not k.endswith("/n_pos"))
     assert patterns_bytes == 3 * 4 * weights
-    assert Patterns.load(path).dtype == torch.float32
+    loaded = Patterns.load(path, model)
+    assert loaded.dtype == torch.float32
+    from toolkit.methods import PatternAttribution, PatternNet
+
+    x = images(4, seed=3).float()
+    for method in (PatternNet, PatternAttribution):  # a file explains as the patterns it was saved from
+        target = torch.tensor([1, 3, 1, 3])
+        assert torch.equal(method(model, loaded).attribute(x, target), method(model, patterns).attribute(x, target))
     assert Patterns.load(path, dtype=torch.float64).dtype == torch.float64
     wide.save(path)
     assert Patterns.load(path).dtype == torch.float64

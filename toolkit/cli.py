@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fit", help="fit the patterns of every Conv2d/Linear layer of a model on images",
         description="Stream the images through the model once, collect float64 statistics per layer and "
                     "write the linear and two-component patterns (safetensors): by default the patterns "
-                    "alone, in float32 for a float32 model (VGG16: 1.6 GB for all three kinds, 0.55 GB "
+                    "alone, in float32 for a float32 model (VGG16: 1.7 GB for all three kinds, 0.55 GB "
                     "for --kinds positive); with --statistics also the statistics. Under torchrun every "
                     "process fits its shard and rank 0 writes the result.",
         epilog="examples:\n  toolkit fit --model vgg16 --data ~/imagenet --max-images 50000 --out vgg16.patterns.safetensors\n"
