@@ -62,9 +62,6 @@ FORMAT_VERSION = "3"
 READABLE_VERSIONS = ("1", "2", "3")
 #: The dtypes a pattern may be stored in.
 PATTERN_DTYPES = (torch.float32, torch.float64)
-#: The pattern kinds a file may hold (those of :data:`toolkit.patterns.KINDS`).
-KINDS = ("linear", "positive", "negative")
-MEAN_Y_CONVENTIONS = ("global", "masked")
 
 
 class PatternFileError(ValueError):
@@ -201,14 +198,17 @@ def write_patterns(path: str | os.PathLike, contents: PatternFile) -> None:
     write(path, tensors, metadata)
 
 
-def read_patterns(path: Path, statistics_shapes: Callable[[tuple, list], dict]) -> PatternFile:
+def read_patterns(path: Path, kinds: Sequence[str], statistics_shapes: Callable[[tuple, list], dict]
+                  ) -> PatternFile:
     """Read and check a patterns file of any readable version.
 
-    ``statistics_shapes(weight_shape, kinds)`` gives the statistics a layer must hold
-    and their shapes (:meth:`toolkit.patterns.Statistics.shapes`). Every tensor is
-    checked: patterns float32 or float64, all kinds of a layer of one shape; counts and
-    statistics float64 of their shapes; all finite, counts not negative; and no tensor
-    that no layer of the metadata claims.
+    ``kinds`` are the pattern kinds a layer may hold (:data:`toolkit.patterns.KINDS`;
+    all of them where a file of version 1 does not say), ``statistics_shapes(weight_shape,
+    kinds)`` the statistics a layer must hold and their shapes
+    (:meth:`toolkit.patterns.Statistics.shapes`). Every tensor is checked: patterns
+    float32 or float64, all kinds of a layer of one shape; counts and statistics float64
+    of their shapes; all finite, counts not negative; and no tensor that no layer of the
+    metadata claims. ``mean_y`` is read as it is (its values are the caller's concept).
     """
     meta, tensors = read(path)
     if meta.get("format") != FILE_FORMAT:
@@ -218,21 +218,19 @@ def read_patterns(path: Path, statistics_shapes: Callable[[tuple, list], dict]) 
         raise PatternFileError(f"{path} has the format version {version!r}; this toolkit reads "
                                f"versions {', '.join(READABLE_VERSIONS)} (a newer file needs a newer toolkit)")
     names = _json(path, meta, "layers", list)
-    kinds = _json(path, meta, "kinds", dict, default={n: list(KINDS) for n in names})
+    layer_kinds = _json(path, meta, "kinds", dict, default={n: list(kinds) for n in names})
     samples = _json(path, meta, "samples", dict, default={})
     fingerprint, mean_y = meta.get("fingerprint"), meta.get("mean_y")
-    if not isinstance(fingerprint, str) or mean_y is None:
+    if not isinstance(fingerprint, str) or not isinstance(mean_y, str):
         raise PatternFileError(f"{path} has missing or malformed metadata (fingerprint or mean_y)")
-    if mean_y not in MEAN_Y_CONVENTIONS:
-        raise PatternFileError(f"{path} has malformed metadata (mean_y {mean_y!r})")
     unread = set(tensors)
     layers = {}
     for name in names:
-        layer_kinds = kinds.get(name)
-        if not isinstance(layer_kinds, list) or not layer_kinds or any(k not in KINDS for k in layer_kinds):
+        fitted = layer_kinds.get(name)
+        if not isinstance(fitted, list) or not fitted or any(k not in kinds for k in fitted):
             raise PatternFileError(f"{path} has malformed metadata (the kinds of layer '{name}')")
         reader = _LayerReader(path, name, tensors, unread)
-        layers[name] = reader.layer(layer_kinds, samples.get(name), version, statistics_shapes)
+        layers[name] = reader.layer(fitted, samples.get(name), version, statistics_shapes)
     if unread:
         raise PatternFileError(f"{path} holds tensors of no layer its metadata lists: {sorted(unread)[:5]}")
     return PatternFile(fingerprint, mean_y, layers, _json(path, meta, "counts", dict, default={}),

@@ -868,7 +868,9 @@ class Patterns:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no patterns file at {path}")
-        contents = read_patterns(path, Statistics.shapes)
+        contents = read_patterns(path, KINDS, Statistics.shapes)
+        if contents.mean_y not in MEAN_Y_CONVENTIONS:
+            raise PatternFileError(f"{path} has malformed metadata (mean_y {contents.mean_y!r})")
         dtype = _pattern_dtype(dtype)
         layers = {name: LayerPatterns(**{k: t.to(dtype or t.dtype) for k, t in r.patterns.items()},
                                       n=r.n, n_pos=r.n_pos)
