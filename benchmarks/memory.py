@@ -104,14 +104,12 @@ def run_child(kind: str, argv: list[str]) -> dict:
 # ----------------------------------------------------------------------------------
 # the floor, from the layer shapes
 # ----------------------------------------------------------------------------------
-def neuron_layers(name: str) -> list[torch.Size]:
-    """The weight shapes of the Conv2d/Linear layers of the torchvision model ``name``
-    (built on the meta device: no memory)."""
+def meta_model(name: str) -> nn.Module:
+    """The torchvision model ``name`` on the meta device: its shapes, no memory."""
     import torchvision
 
     with torch.device("meta"):
-        model = getattr(torchvision.models, name)(weights=None)
-    return [m.weight.shape for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return getattr(torchvision.models, name)(weights=None)
 
 
 def floors(shapes: list[torch.Size], kinds: tuple[str, ...], model_bytes: int) -> dict:
@@ -150,12 +148,10 @@ def main(argv=None) -> dict:
         print(json.dumps(child(args)))
         return {}
     device = prepare(args)
-    shapes = neuron_layers(args.model)
-    import torchvision
-
-    with torch.device("meta"):
-        meta = getattr(torchvision.models, args.model)(weights=None)
-    model_bytes = sum(p.numel() * 4 for p in meta.parameters())
+    model = meta_model(args.model)
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model_bytes = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
+    on_cpu = device.type == "cpu"
     print(f"{args.model} at {args.size}x{args.size}, {args.images} images in batches of {args.batch}, float32, "
           f"random weights; {device_name(device)}, torch {torch.__version__}; each fit in a fresh process")
     result = {"model": args.model, "size": args.size, "images": args.images, "device": device_name(device)}
@@ -163,25 +159,32 @@ def main(argv=None) -> dict:
     for kind, kinds in FITS.items():
         measured = run_child(kind, _without_json(argv))
         floor = floors(shapes, kinds, model_bytes)
-        floor["rss"] = measured["rss_before"] + floor["held"] - model_bytes
+        if on_cpu:  # on a GPU the sums live there, and come to the CPU a layer at a time
+            floor["rss"] = measured["rss_before"] + floor["held"] - model_bytes
         result[kind] = {"measured": measured, "floor": floor}
         rows.append((kind, measured, floor))
+
+    def gib(value) -> str:
+        return "-" if value is None else f"{value / GIB:.2f}"
+
     print(f"\n{'fit':<10}{'file GiB':>10}{'floor':>8}{'target':>8}   {'peak RSS GiB':>13}{'floor':>8}"
           f"{'target':>8}   before the fit   sums   model")
     for kind, m, f in rows:
         t = TARGETS[kind]
-        print(f"{kind:<10}{m['file'] / GIB:>10.2f}{f['file'] / GIB:>8.2f}{t['file']:>8.2f}   "
-              f"{m['rss_peak'] / GIB:>13.2f}{f['rss'] / GIB:>8.2f}{t['rss']:>8.2f}   "
-              f"{m['rss_before'] / GIB:>14.2f}{f['sums'] / GIB:>7.2f}{f['model'] / GIB:>8.2f}")
+        rss_target = f"{t['rss']:.2f}" if on_cpu else "-"
+        print(f"{kind:<10}{gib(m['file']):>10}{gib(f['file']):>8}{t['file']:>8.2f}   "
+              f"{gib(m['rss_peak']):>13}{gib(f.get('rss')):>8}{rss_target:>8}   "
+              f"{gib(m['rss_before']):>14}{gib(f['sums']):>7}{gib(f['model']):>8}")
     for kind, m, f in rows:
         t = TARGETS[kind]
-        verdicts = [f"file {'meets' if m['file'] / GIB <= t['file'] else 'MISSES'} {t['file']} GiB",
-                    f"peak RSS {'meets' if m['rss_peak'] / GIB <= t['rss'] else 'MISSES'} {t['rss']} GiB"]
-        print(f"{kind}: {', '.join(verdicts)}; peak RSS with the save: {m['rss_peak_with_save'] / GIB:.2f} GiB")
-    if device.type == "cuda":
+        verdicts = [f"file {'meets' if m['file'] / GIB <= t['file'] else 'MISSES'} {t['file']} GiB"]
+        if on_cpu:
+            verdicts.append(f"peak RSS {'meets' if m['rss_peak'] / GIB <= t['rss'] else 'MISSES'} {t['rss']} GiB")
+        print(f"{kind}: {', '.join(verdicts)}; peak RSS with the save: {gib(m['rss_peak_with_save'])} GiB")
+    if not on_cpu:
         print(f"\n{'fit':<10}{'peak CUDA GiB':>14}{'model + sums':>14}")
         for kind, m, f in rows:
-            print(f"{kind:<10}{m['cuda_peak'] / GIB:>14.2f}{(f['model'] + f['sums']) / GIB:>14.2f}")
+            print(f"{kind:<10}{gib(m['cuda_peak']):>14}{gib(f['model'] + f['sums']):>14}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -517,7 +517,8 @@ def test_the_solve_in_blocks_equals_the_solve_at_once(monkeypatch):
     assert blocks.counts == whole.counts
 
 
-OLD_KINDS_V1 = ("sum_x", "sum_y", "sum_xy", "n_pos", "sum_x_pos", "sum_y_pos", "sum_xy_pos")
+#: The statistics version 1 stored per layer: plain (unshifted) sums.
+OLD_STATISTICS_V1 = ("n", "sum_x", "sum_y", "sum_xy", "n_pos", "sum_x_pos", "sum_y_pos", "sum_xy_pos")
 
 
 def old_file(patterns: Patterns, path, version: str) -> None:
@@ -533,9 +534,7 @@ def old_file(patterns: Patterns, path, version: str) -> None:
         stats = patterns.statistics[name]
         if version == "1":
             plain = stats.unshifted()
-            plain["sum_x"] = plain["sum_x"].expand_as(plain["sum_xy"]).contiguous()[:1]
-            plain["sum_y_pos"] = plain["sum_y_pos"]
-            for key in ("n", *OLD_KINDS_V1):
+            for key in OLD_STATISTICS_V1:
                 tensors[f"{name}/stats/{key}"] = plain[key].contiguous()
         else:
             for key, t in stats.tensors().items():
