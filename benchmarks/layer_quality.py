@@ -50,8 +50,8 @@ def main() -> None:
 
     from toolkit.layers import trace
     from toolkit.patterns import fit_patterns
-    from toolkit.quality import (MEASURABLE, collect_moments, estimator_directions, layer_quality,
-                                 rho_from_moments)
+    from toolkit.quality import (MEASURABLE, collect_moments, estimator_directions, inputs_per_neuron,
+                                 layer_quality, rho_from_moments)
 
     model = torchvision_model(args.model, device)
     fit_x = random_images(args.images, args.size, seed=1)
@@ -59,12 +59,13 @@ def main() -> None:
     plan = trace(model, fit_x[:1].to(device))
     layers = [layer for layer in plan
               if (args.layers is None or layer.name in args.layers)
-              and (args.max_dim is None or layer.weight()[0].numel() <= args.max_dim)]
+              and (args.max_dim is None or inputs_per_neuron(layer) <= args.max_dim)
+              and inputs_per_neuron(layer) > 1]
     skipped = [layer.name for layer in plan if layer not in layers]
     print(f"{args.model} at {args.size}x{args.size}, {args.images} images, batch {args.batch}, "
           f"device {device} ({device_name(device)}), torch {torch.__version__}")
     if skipped:
-        print(f"skipped layers (D > --max-dim or not in --layers): {skipped}")
+        print(f"skipped layers (D > --max-dim, not in --layers, or D = 1 without a quality): {skipped}")
 
     with Stopwatch(device) as fit_time:
         patterns = fit_patterns(model, torch.split(fit_x, args.batch), device=device, progress=False)

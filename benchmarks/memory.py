@@ -119,16 +119,17 @@ def floors(shapes: list[torch.Size], kinds: tuple[str, ...], model_bytes: int) -
     layer by layer, the smallest first, each kind's float32 pattern made a block at a
     time, then the sums no later kind reads released (which kind reads which sums:
     ``toolkit.patterns._sides``, on meta tensors)."""
-    from toolkit.patterns import SOLVE_BLOCK_ELEMENTS, Statistics, _sides, output_groups
+    from toolkit.patterns import SOLVE_BLOCK_ELEMENTS, Statistics, _sides
 
     kind_side = {"linear": "all", "positive": "positive", "negative": "negative"}
     layers = [{key: torch.empty(size, dtype=torch.float64, device="meta")
-               for key, size in Statistics.shapes(shape, kinds).items()} for shape in shapes]
+               for key, size in Statistics.shapes(shape, kinds, side_shifts=True).items()} for shape in shapes]
     sums = sum(t.numel() * 8 for sums_ in layers for t in sums_.values())
     held = peak = model_bytes + sums  # when the data has streamed
     for shape, sums_ in sorted(zip(shapes, layers), key=lambda pair: pair[0].numel()):  # smallest first
-        sides = _sides(sums_, output_groups(kinds))
-        reads = [{id(t) for _, t in sides[kind_side[k]].xy + sides[kind_side[k]].x} for k in kinds]
+        sides = _sides(Statistics.from_tensors(sums_, kinds))
+        reads = [{id(t) for part in sides[kind_side[k]].parts for t in (part.xy, *(t for _, t in part.x))}
+                 for k in kinds]
         alive = {key: t.numel() * 8 for key, t in sums_.items()}
         for j in range(len(kinds)):
             held += shape.numel() * 4                       # the pattern, float32

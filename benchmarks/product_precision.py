@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import worst_error  # noqa: E402
-from toolkit.layers import Conv2dOps  # noqa: E402
+from toolkit.layers import ConvOps  # noqa: E402
 from toolkit.patterns import KINDS, Patterns, Statistics  # noqa: E402
 from toolkit.streaming import stream  # noqa: E402
 
@@ -48,18 +48,18 @@ def to_tf32(t: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def emulated_tf32():
-    original = Conv2dOps.patch_sums
+    original = ConvOps.patch_sums
 
     def patch_sums(self, x, g):
         if x.dtype == torch.float32:
             x, g = to_tf32(x), to_tf32(g)
         return original(self, x, g)
 
-    Conv2dOps.patch_sums = patch_sums
+    ConvOps.patch_sums = patch_sums
     try:
         yield
     finally:
-        Conv2dOps.patch_sums = original
+        ConvOps.patch_sums = original
 
 
 def fit(model, data, dtype) -> Patterns:

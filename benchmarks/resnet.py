@@ -24,7 +24,7 @@ from timing import (DTYPES, device_name, fit_costs, forward, median_seconds, par
                     random_batches, torchvision_model)
 from toolkit.methods import PatternAttribution, PatternNet  # noqa: E402
 from toolkit.patterns import fit_patterns  # noqa: E402
-from toolkit.residual import DEFAULT_MASK, MASKS  # noqa: E402
+from toolkit.layers import DEFAULT_MASK, MASKS  # noqa: E402
 
 MODELS = ("resnet18", "resnet34", "resnet50")
 

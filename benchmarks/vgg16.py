@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torchvision
 
-    from toolkit.layers import evaluation_mode, intercept, trace
+    from toolkit.layers import Hooks, evaluation_mode, run, trace
     from toolkit.compare import TITLES, make_explainers
     from toolkit.patterns import KINDS, Patterns, Statistics, fingerprint
     from toolkit.quality import collect_moments, estimator_directions, rho_from_moments, MEASURABLE
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     plan = trace(model, x[:1])
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {params / 1e6:.1f} M parameters, {len(plan)} Conv2d/Linear layers; "
+    print(f"{args.model}: {params / 1e6:.1f} M parameters, {len(plan)} neuron layers; "
           f"batch {args.batch}x3x{args.size}x{args.size} {args.dtype}"
           f"{', channels-last' if args.channels_last else ''}; fitting products in {args.compute_dtype}; "
           f"TF32 {'on' if args.tf32 else 'off'}")
@@ -122,8 +122,8 @@ def main(argv=None) -> dict:
             model(x)
 
     def fitting():
-        with evaluation_mode(model), torch.no_grad(), intercept(model, plan, on_layer=observe):
-            model(x)
+        with evaluation_mode(model), torch.no_grad():
+            run(model, plan, x, Hooks(on_layer=observe))
 
     # patterns from one fitting batch (the cost of a pass does not depend on their values)
     fitting()

@@ -23,6 +23,9 @@ quality; ``other_data`` and ``starved`` as ``.txt`` with the error message).
 
 ``tiny_residual`` (tests/test_resnet.py) fits the patterns of :func:`_nets.tiny_residual`
 with both activity masks over the dealt batches and writes ``<mask>.rank<RANK>.safetensors``.
+
+``families`` (tests/test_reach.py) fits the DenseNet- and Inception-like networks of
+``tests/_families.py`` and writes ``<family>.rank<RANK>.safetensors``.
 """
 from __future__ import annotations
 
@@ -119,7 +122,16 @@ def fit_tiny_residual(rank: int, world: int, out: Path) -> None:
             out / f"{mask}.rank{rank}.safetensors")
 
 
-JOBS = {"conv_net": fit_conv_net, "tiny_residual": fit_tiny_residual}
+def fit_families(rank: int, world: int, out: Path) -> None:
+    from _families import family, family_images
+    from toolkit.patterns import fit_patterns
+
+    for name in ("densenet", "inception"):
+        batches_ = list(torch.split(family_images(30), 6))
+        fit_patterns(family(name), batches_, progress=False).save(out / f"{name}.rank{rank}.safetensors")
+
+
+JOBS = {"conv_net": fit_conv_net, "tiny_residual": fit_tiny_residual, "families": fit_families}
 
 
 def main(job: str, rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -225,14 +225,16 @@ def position_rows(z: torch.Tensor) -> torch.Tensor:
 
 def layer_inputs_outputs(model: nn.Module, x: torch.Tensor, outputs: dict[str, str] | None = None
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Input and output of every Conv2d/Linear layer of ``model`` on ``x``, in forward
-    order, from forward hooks on the model itself (cloned: an inplace ReLU may follow).
+    """Input and output of every convolution (1, 2 or 3-D) and Linear layer of ``model``
+    on ``x``, in forward order, from forward hooks on the model itself (cloned: an inplace
+    ReLU may follow).
 
     ``outputs`` maps a layer to the module whose output counts as the layer's (the
     BatchNorm after a convolution).
     """
     outputs = outputs or {}
-    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    layers = [name for name, m in model.named_modules() if isinstance(m, kinds)]
     seen = {name: [None, None] for name in layers}
     modules = dict(model.named_modules())
 

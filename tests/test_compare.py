@@ -309,10 +309,11 @@ def test_regime_table_and_mean_y(net, patterns, images):
     assert lines[3].split()[-1] == ("yes" if m["two_component"] > m["linear"] else "no")
     with pytest.raises(ValueError, match="different regimes"):
         merge_quality(everything, active)
+    assert patterns.mean_y == "masked"  # the default
     with pytest.raises(ValueError, match=r"no statistics.*keep_statistics=True"):
-        compare.with_mean_y(net, patterns, "masked", images)  # the fit freed them
+        compare.with_mean_y(net, patterns, "global", images)  # the fit freed them
     kept = fit_patterns(net, torch.split(images, 20), progress=False, keep_statistics=True)
-    masked = compare.with_mean_y(net, kept, "masked", images)
-    assert masked.mean_y == "masked"
-    torch.testing.assert_close(masked["0"].linear, patterns["0"].linear)
-    assert not torch.allclose(masked["0"].positive, patterns["0"].positive)
+    authors = compare.with_mean_y(net, kept, "global", images)
+    assert authors.mean_y == "global"
+    torch.testing.assert_close(authors["0"].linear, patterns["0"].linear)
+    assert not torch.allclose(authors["0"].positive, patterns["0"].positive)

@@ -8,8 +8,7 @@ What must hold:
   ``toolkit fit`` / ``toolkit explain`` as one line, exit status 2;
 * what the allow-list admits (views, shape arithmetic, functional ReLU and pooling,
   dropout in eval mode, scaling by a Python number) works, and the gradient through it
-  equals autograd's; DeconvNet and Guided Backprop refuse a functional ReLU, because
-  their ReLU rule is applied at ``nn.ReLU`` modules;
+  equals autograd's; every method treats a functional ReLU as an ``nn.ReLU`` module;
 * a forward torch.fx cannot trace gets an UnverifiedForwardWarning that says what was
   not checked; the supported models (torchvision VGG/AlexNet, toolkit.models' SmallVGG
   and MiniVGG16) are traced and pass without a warning.
@@ -151,13 +150,19 @@ def test_refused_in_attribute(factory, shape, message, cls):
         make(cls, factory()).attribute(torch.randn(*shape))
 
 
-def test_resnet18_blocks_are_found_as_residual_modules():
-    """Residual additions of two same-shaped tensors are allowed (toolkit.residual); the
-    check records the blocks that add branches, where the methods rescale their signal."""
+def test_resnet18_cuts_are_the_block_outputs():
+    """Residual additions of two same-shaped tensors are allowed; the graph knows where
+    every path from the input to the output passes (where the methods may rescale their
+    signal): the stem's layers and the output of every block, not the layers inside a block."""
     model = resnet18()
     plan = trace(model, torch.randn(2, 3, 32, 32))
-    assert plan.residual_modules == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    assert plan.in_branch(plan["layer1.0.conv2"]) and not plan.in_branch(plan["conv1"])
+    assert plan.is_cut(plan["conv1"]) and plan.is_cut(plan["fc"])
+    inside = [name for name in plan.names if name.startswith("layer")]
+    assert inside and not any(plan.is_cut(plan[name]) for name in inside)
+    nodes, cuts = plan.graph.nodes, plan.graph.cuts
+    block_outputs = [n for n in cuts if n in plan.graph.activations and nodes[n].target.endswith("relu")
+                     and nodes[n].target.startswith("layer")]
+    assert len(block_outputs) == 8  # the ReLU after the addition of each of the 8 blocks
 
 
 class BroadcastSumNet(nn.Module):
@@ -182,7 +187,7 @@ def test_the_allowed_operations_work_and_give_the_gradient():
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     plan = trace(model, x)
     assert plan.names == ["block.conv", "fc"] and plan.forward_verified
-    assert len(plan.relu_calls) == 1 and "module 'block' (Block)" in plan.relu_calls[0]
+    assert len(plan.graph.activations) == 1  # the functional ReLU of Block
     xg = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(model(xg)[:, 4].sum(), xg)
     torch.testing.assert_close(Gradient(model).attribute(x, 4), expected, rtol=1e-12, atol=1e-14)
@@ -191,12 +196,43 @@ def test_the_allowed_operations_work_and_give_the_gradient():
     assert patterns.names == ["block.conv", "fc"]
 
 
-@pytest.mark.parametrize("cls", [DeconvNet, GuidedBackprop], ids=lambda c: c.__name__)
-def test_functional_relu_is_refused_by_the_relu_rule_methods(cls):
-    model = FunctionalNet().eval()
-    with pytest.raises(UnsupportedLayerError, match=f"{cls.__name__} applies its ReLU rule at nn.ReLU "
-                                                    r"modules.*module 'block' \(Block\).*nn\.ReLU module"):
-        cls(model).attribute(torch.randn(2, 2, 8, 8))
+class ModuleBlock(nn.Module):
+    """Block written with an nn.ReLU module and nn.MaxPool2d instead of functions."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.relu, self.pool = conv, nn.ReLU(), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
+def test_functional_relu_gets_the_rule_of_a_relu_module(cls):
+    """Every method, DeconvNet and Guided Backprop included, treats F.relu as nn.ReLU:
+    the network written with modules gives the same explanation."""
+    torch.manual_seed(0)
+    functional = FunctionalNet().double().eval()
+    modules = copy_with_module_block(functional)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    expected = make(cls, modules).attribute(x, 2)
+    explainer = make(cls, functional)
+    if isinstance(explainer, (PatternNet, PatternAttribution)):
+        explainer = cls(functional, weight_patterns(functional))
+    torch.testing.assert_close(explainer.attribute(x, 2), expected, rtol=1e-12, atol=1e-14)
+
+
+def copy_with_module_block(net: "FunctionalNet") -> nn.Module:
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = ModuleBlock(net.block.conv), net.fc
+
+        def forward(self, x):
+            x = self.block(x * 0.5)
+            return self.fc(-(x.flatten(1) / 2))
+
+    return Twin().eval()
 
 
 def test_untraceable_forward_warns_what_was_not_verified():
@@ -208,20 +244,22 @@ def test_untraceable_forward_warns_what_was_not_verified():
         result = Gradient(model).attribute(x, 1)
     assert torch.isfinite(result).all()
     with pytest.warns(UnverifiedForwardWarning):
-        verified, _, _ = check_forward(model, x)
-    assert not verified
+        verified = check_forward(model, x)
+    assert verified is False
+    assert check_forward(FunctionalNet().eval(), torch.randn(2, 2, 8, 8)) is True
 
 
 def test_additions_are_judged_in_one_place():
     """The allow-list names additions as one category, judged by one function: two
     same-shaped tensors are a residual connection (allowed), anything else is not."""
-    from toolkit import layers
+    from toolkit.layers.operations import judge_addition as judge
 
     assert {k for k, v in ALLOWED_OPERATIONS.items() if v == "addition"} >= {"add", "iadd", "add_"}
-    judge = layers._refuse_residual_addition
-    assert judge(None, (torch.ones(2, 3), torch.ones(2, 3)), {}) is None
-    assert "different shapes" in judge(None, (torch.ones(2, 3), torch.ones(2, 1)), {})
-    assert "offset" in judge(None, (torch.ones(2, 3), 1.0), {})
+    assert judge((torch.ones(2, 3), torch.ones(2, 3)), {}, [True, True]) is None
+    assert "different shapes" in judge((torch.ones(2, 3), torch.ones(2, 1)), {}, [True, True])
+    assert "offset" in judge((torch.ones(2, 3), 1.0), {}, [True])
+    assert "offset" in judge((torch.ones(2, 3), torch.ones(2, 3)), {}, [True, False])
+    assert "offset" in judge((torch.ones(2, 3), torch.ones(1, 3)), {}, [True, False])   # a bias
 
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "alexnet"])
@@ -231,7 +269,7 @@ def test_supported_torchvision_models_pass_without_warning(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan = trace(model, torch.randn(1, 3, 64, 64))
-    assert plan.forward_verified and not plan.relu_calls
+    assert plan.forward_verified and not any(a.passes_inactive for a in plan.activities.values())
 
 
 def test_toolkit_models_pass_without_warning():

@@ -184,13 +184,16 @@ def test_one_neuron_recovers_the_true_signal(toy):
         assert_close(PatternAttribution(neuron, exact, kind=kind).attribute(x, 0),
                      torch.as_tensor(w) * signal, rel=1e-12)
 
-    # fitted patterns: a_+ and a estimate a_s, so the result is the signal up to sampling error
-    fitted = fit_patterns(neuron, [x[i:i + 5000] for i in range(0, len(x), 5000)], progress=False)
-    for kind in ("two_component", "linear"):
-        pn = PatternNet(neuron, fitted, kind=kind).attribute(x, 0)
-        pa = PatternAttribution(neuron, fitted, kind=kind).attribute(x, 0)
-        torch.testing.assert_close(pn, signal, rtol=0, atol=0.02)
-        torch.testing.assert_close(pa, torch.as_tensor(w) * signal, rtol=0, atol=0.02)
+    # fitted patterns: a_+ and a estimate a_s, so the result is the signal up to sampling
+    # error, which is larger for a_+ around E_+[y] (a covariance over half the range of y)
+    batches = [x[i:i + 5000] for i in range(0, len(x), 5000)]
+    for mean_y, atol in (("global", 0.02), ("masked", 0.03)):
+        fitted = fit_patterns(neuron, batches, progress=False, mean_y=mean_y)
+        for kind in ("two_component", "linear"):
+            pn = PatternNet(neuron, fitted, kind=kind).attribute(x, 0)
+            pa = PatternAttribution(neuron, fitted, kind=kind).attribute(x, 0)
+            torch.testing.assert_close(pn, signal, rtol=0, atol=atol)
+            torch.testing.assert_close(pa, torch.as_tensor(w) * signal, rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------------

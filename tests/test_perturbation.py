@@ -269,3 +269,63 @@ def test_plot_perturbation(setup):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "AOPC" in labels[0] and labels[1].startswith("random")
     assert f"{curves['w * x'].aopc:.3f}" in labels[0]
+
+
+# ----------------------------------------------------------------------------------
+# rectangular regions and windows of time steps (recordings)
+# ----------------------------------------------------------------------------------
+def test_rectangular_region_sums_against_a_loop():
+    relevance = torch.randn(2, 3, 7, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sums = region_relevance(relevance, (3, 4))  # a 2 x 2 grid; row 6 and columns 8, 9 left out
+    expected = torch.tensor([[float(relevance[i, :, 3 * a:3 * a + 3, 4 * b:4 * b + 4].sum())
+                              for a in range(2) for b in range(2)] for i in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected, rtol=0, atol=1e-12)
+    # an int on one-row inputs is a window of time steps
+    one_row = relevance[:, :, :1]
+    torch.testing.assert_close(region_relevance(one_row, 5), one_row.sum(1).reshape(2, 2, 5).sum(-1))
+
+
+def test_hand_computed_windows_of_a_recording():
+    """One recording of 2 channels x 4 steps, windows of 2 steps: the first window holds
+    [1, 2] and [3, 6] (means 1.5 and 4.5 per channel), the second [0, 4] and [2, 2] (2 and 2);
+    class 0 has logit w0 . x, class 1 logit 0."""
+    w0 = torch.tensor([0.5, 0.25, 0.0, -0.2, 0.1, 0.1, 0.3, 0.1], dtype=torch.float64)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([w0, torch.zeros(8, dtype=torch.float64)]))
+        model[1].bias.zero_()
+    x = torch.tensor([[[1.0, 2.0, 0.0, 4.0], [3.0, 6.0, 2.0, 2.0]]], dtype=torch.float64)
+    explainer = LogitDifferenceTimesInput(model)
+    # relevance w0 * x: first window 0.5 + 0.5 + 0.3 + 0.6 = 1.9, second 0 - 0.8 + 0.6 + 0.2 = 0
+    # logits: x 1.9; first window -> [1.5, 1.5, 0, 4], [4.5, 4.5, 2, 2]:
+    #   0.75 + 0.375 - 0.8 + 0.45 + 0.45 + 0.6 + 0.2 = 2.025;
+    # then the second -> [1.5, 1.5, 2, 2], [4.5, 4.5, 2, 2]: 0.75 + 0.375 - 0.4 + 0.9 + 0.8 = 2.425
+    s = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    result = region_perturbation(model, explainer, x, patch=2, progress=False)
+    torch.testing.assert_close(result.curve, torch.tensor([s(1.9), s(2.025), s(2.425)], dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    assert result.grid == (1, 2) and result.region == (1, 2) and result.one_row
+    assert result.region_label == "2 time steps" and "2 windows" in str(result)
+
+
+def test_recordings_and_their_conv2d_form_give_the_same_curves():
+    from toolkit.models import TimeSeriesCNN
+
+    torch.manual_seed(0)
+    net = TimeSeriesCNN(channels=3, times=32, num_classes=3, width=4, kernel=5, pool=2, hidden=8).double()
+    twin = net.twin()
+    x = torch.randn(5, 3, 32, dtype=torch.float64)
+    kw = dict(patch=4, steps=6, progress=False)
+    one = region_perturbation(net, InputTimesGradient(net), x, **kw)
+    two = region_perturbation(twin, InputTimesGradient(twin), twin.inputs(x), **kw)
+    explicit = region_perturbation(twin, InputTimesGradient(twin), twin.inputs(x), patch=(1, 4), steps=6,
+                                   progress=False)
+    for other in (two, explicit):
+        torch.testing.assert_close(other.per_ordering, one.per_ordering, rtol=0, atol=1e-12)
+        assert other.region == one.region == (1, 4) and other.grid == one.grid == (1, 8)
+    rand = [region_perturbation(m, None, m.inputs(x), order="random", random_repeats=3, **kw) for m in (net, twin)]
+    torch.testing.assert_close(rand[0].per_ordering, rand[1].per_ordering, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="patch must be a positive integer"):
+        region_perturbation(net, None, x, patch=(1, 0), order="random", progress=False)
+    with pytest.raises(ValueError, match="larger than the 1x32"):
+        region_perturbation(net, None, x, patch=33, order="random", progress=False)

@@ -23,11 +23,11 @@ from torch import nn
 
 matplotlib.use("Agg")
 
-from _nets import layer_inputs_outputs, patch_rows, position_rows  # noqa: E402
+from _nets import layer_inputs_outputs, patch_rows, position_rows, random_images  # noqa: E402
 from toolkit.linear import UndefinedQualityError  # noqa: E402
 from toolkit.patterns import PatternMismatchError, fit_patterns  # noqa: E402
-from toolkit.quality import (MEASURABLE, QualityResult, collect_moments, filter_pattern,  # noqa: E402
-                             layer_quality, random_pattern, rho_from_moments)
+from toolkit.quality import (MEASURABLE, REGIMES, QualityResult, collect_moments,  # noqa: E402
+                             filter_pattern, layer_quality, random_pattern, rho_from_moments)
 
 
 # ----------------------------------------------------------------------------------
@@ -65,6 +65,25 @@ def samples_of(module: nn.Module, x: torch.Tensor, z: torch.Tensor):
     if isinstance(module, nn.Conv2d):
         return patch_rows(module, x).numpy(), position_rows(z).numpy()
     return x.numpy(), z.numpy()
+
+
+def group_samples(module: nn.Module, x: torch.Tensor, z: torch.Tensor):
+    """([patches (n, D) of each group], outputs incl. bias (n, J)) of one layer as NumPy
+    arrays. A Conv2d's patches come from ``F.unfold`` (its columns run channel by channel,
+    so a group's are consecutive); a Conv1d's or Conv3d's from the convolution of each
+    group's channels with the ``D`` one-hot filters, which copies patch entry ``r`` to
+    output channel ``r``."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        patches, outputs = samples_of(module, x, z)
+        return np.split(patches, getattr(module, "groups", 1), axis=1), outputs
+    per_group = module.in_channels // module.groups
+    kernel = module.kernel_size
+    dim = per_group * math.prod(kernel)
+    one_hot = torch.eye(dim, dtype=x.dtype).reshape(dim, per_group, *kernel)
+    conv = torch.nn.functional.conv1d if isinstance(module, nn.Conv1d) else torch.nn.functional.conv3d
+    groups = [conv(x[:, g * per_group:(g + 1) * per_group], one_hot, None, module.stride, module.padding,
+                   module.dilation).movedim(1, -1).reshape(-1, dim).numpy() for g in range(module.groups)]
+    return groups, z.movedim(1, -1).reshape(-1, z.shape[1]).numpy()
 
 
 def brute_force_rho(patches: np.ndarray, w: np.ndarray, active: np.ndarray,
@@ -120,18 +139,19 @@ def reference(model, patterns, x, regime="all"):
     result = {}
     for name, (layer_input, layer_output) in layer_inputs_outputs(model, x).items():
         module = model.get_submodule(name)
-        patches, z = samples_of(module, layer_input, layer_output)
+        groups, z = group_samples(module, layer_input, layer_output)
         weight = module.weight.detach()
         w = weight.reshape(weight.shape[0], -1).numpy()
+        patches = [groups[j // (len(w) // len(groups))] for j in range(len(w))]  # neuron j's
         bias = module.bias.detach().numpy() if module.bias is not None else 0.0
         active = (z > 0)  # z includes the bias
-        assert np.allclose(z - bias, patches @ w.T)
+        assert np.allclose(z - bias, np.stack([patches[j] @ w[j] for j in range(len(w))], 1))
         result[name] = {}
         for est in MEASURABLE:
             a_pos, a_neg = directions(est, weight, patterns[name])
             result[name][est] = np.array([
-                brute_force_rho(patches, w[j], active[:, j], a_pos[j], a_neg[j]) if regime == "all"
-                else brute_force_active_rho(patches, w[j], active[:, j], a_pos[j])
+                brute_force_rho(patches[j], w[j], active[:, j], a_pos[j], a_neg[j]) if regime == "all"
+                else brute_force_active_rho(patches[j], w[j], active[:, j], a_pos[j])
                 for j in range(w.shape[0])])
     return result
 
@@ -538,3 +558,203 @@ def test_several_pattern_sets_on_one_pass(fitted):
                                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="empty mapping"):
         layer_quality(model, {}, x, progress=False)
+
+
+# ----------------------------------------------------------------------------------
+# every layer type: grouped and depthwise convolutions, Conv1d, Conv3d, standalone BatchNorm
+# ----------------------------------------------------------------------------------
+#: Per-sample input shapes of the test networks of each convolution dimension.
+SIGNAL_SHAPES = {1: (3, 20), 2: (3, 8, 8), 3: (2, 3, 6, 6)}
+
+
+def centred(net: nn.Sequential, shape: tuple[int, ...]) -> nn.Sequential:
+    """``net`` with every layer's bias set to minus the median of its output on random
+    inputs, layer by layer: each neuron is active on about half of its samples."""
+    x = random_images(64, shape, seed=99)
+    with torch.no_grad():
+        for module in net:
+            if hasattr(module, "bias") and module.bias is not None:
+                module.bias.zero_()
+                z = module(x).movedim(1, -1).reshape(-1, module.bias.shape[0])
+                module.bias.copy_(-z.median(0).values)
+            x = module(x)
+    return net
+
+
+def grouped_net(seed: int = 0) -> nn.Sequential:
+    """conv(3->8) ReLU, a grouped conv (2 groups of 4 channels -> 3 neurons each, D = 36)
+    ReLU, a depthwise conv with two neurons per channel (6 groups, D = 9, stride 2) ReLU,
+    global pooling, linear(12->4); float64 on 3x8x8 inputs, centred."""
+    torch.manual_seed(seed)
+    return centred(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.ReLU(),
+                                 nn.Conv2d(6, 12, 3, stride=2, padding=1, groups=6), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4)).double(),
+                  SIGNAL_SHAPES[2])
+
+
+def signals_net(dims: int, seed: int = 0) -> nn.Sequential:
+    """A Conv1d or Conv3d network with stride, padding, dilation and a grouped layer,
+    then pooling and a Linear layer; float64 on 3x20 (1-D) or 2x3x6x6 (3-D) inputs, centred."""
+    torch.manual_seed(seed)
+    if dims == 1:
+        net = nn.Sequential(nn.Conv1d(3, 4, 5, stride=2, padding=2), nn.ReLU(),
+                            nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+                            nn.AvgPool1d(5), nn.Flatten(), nn.Linear(12, 3))
+    else:
+        net = nn.Sequential(nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.ReLU(),
+                            nn.Conv3d(4, 4, 3, padding=(1, 2, 1), dilation=(1, 2, 1), groups=2), nn.ReLU(),
+                            nn.AvgPool3d((2, 3, 3)), nn.Flatten(), nn.Linear(4, 3))
+    return centred(net.double(), SIGNAL_SHAPES[dims])
+
+
+def check_against_reference(result, model, patterns, x, regime, atol):
+    expected = reference(model, patterns, x, regime=regime)
+    assert result.layers == list(expected)
+    for layer in result.layers:
+        for est in MEASURABLE:
+            got, want = result.per_neuron[layer][est].numpy(), expected[layer][est]
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"layer {layer}, {est}")
+            np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"layer {layer}, {est}")
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    model = grouped_net()
+    fit = random_images(100, SIGNAL_SHAPES[2], seed=1)
+    return model, fit_patterns(model, torch.split(fit, 50), progress=False)
+
+
+@pytest.mark.parametrize("regime", ["all", "active"])
+def test_grouped_and_depthwise_convolutions_equal_brute_force(grouped, regime):
+    """Each neuron of a grouped or depthwise convolution against least squares on its
+    own group's patches, over all samples and over its active ones."""
+    model, patterns = grouped
+    x = random_images(100, SIGNAL_SHAPES[2], seed=2)
+    result = layer_quality(model, patterns, torch.split(x, 32), progress=False, regime=regime)
+    assert result.layers == ["0", "2", "4", "8"] and result.dims == {"0": 27, "2": 36, "4": 9, "8": 12}
+    check_against_reference(result, model, patterns, x, regime, atol=1e-6 if regime == "all" else 1e-8)
+    assert all(result.defined[layer]["linear"].all() for layer in ("2", "4"))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_equal_brute_force(dims):
+    model = signals_net(dims)
+    shape = SIGNAL_SHAPES[dims]
+    patterns = fit_patterns(model, torch.split(random_images(100, shape, seed=1), 50), progress=False)
+    x = random_images(100, shape, seed=2)
+    for regime in REGIMES:
+        result = layer_quality(model, patterns, torch.split(x, 32), progress=False, regime=regime)
+        assert result.layers == ["0", "2", "6"]
+        check_against_reference(result, model, patterns, x, regime, atol=1e-6 if regime == "all" else 1e-8)
+
+
+def test_grouped_layer_does_not_depend_on_the_batch_size(grouped, monkeypatch):
+    """Nor on the blocks of neurons of the closed form: with blocks of 40 numbers the
+    grouped layer (D = 36, 3 neurons per group) is cut inside its groups, the depthwise one
+    (D = 9, 2 per group) into blocks of two groups."""
+    import toolkit.quality as quality
+
+    model, patterns = grouped
+    x = random_images(40, SIGNAL_SHAPES[2], seed=3)
+    whole = {}
+    for regime in REGIMES:
+        a = layer_quality(model, patterns, torch.split(x, 7), layers=["2", "4"], progress=False,
+                          regime=regime)
+        whole[regime] = layer_quality(model, patterns, x, batch_size=40, layers=["2", "4"],
+                                      progress=False, regime=regime)
+        for layer in a.layers:
+            for est in MEASURABLE:
+                np.testing.assert_allclose(a.per_neuron[layer][est].numpy(),
+                                           whole[regime].per_neuron[layer][est].numpy(),
+                                           rtol=1e-10, atol=1e-12, err_msg=f"{regime}, layer {layer}, {est}")
+    monkeypatch.setattr(quality, "NEURON_BLOCK_ELEMENTS", 40)
+    blocks = layer_quality(model, patterns, x, batch_size=40, layers=["2", "4"], progress=False)
+    assert [len(list(quality._neuron_blocks(g, j, d))) for g, j, d in ((2, 6, 36), (6, 12, 9))] == [6, 3]
+    for layer in blocks.layers:
+        for est in MEASURABLE:
+            np.testing.assert_allclose(blocks.per_neuron[layer][est].numpy(),
+                                       whole["all"].per_neuron[layer][est].numpy(),
+                                       rtol=1e-12, atol=1e-14, err_msg=f"blocks, layer {layer}, {est}")
+
+
+def test_grouped_moments_move_to_another_shift_exactly(grouped):
+    """What all_reduce does: moments of two processes, each with its own shift, moved to
+    one shift and added, equal the moments of all the data (per group and per neuron)."""
+    from toolkit.layers import trace as trace_plan
+    from toolkit.quality import ActiveLayerMoments
+
+    model, _ = grouped
+    x = random_images(20, SIGNAL_SHAPES[2], seed=5)
+    plan = trace_plan(model, x)
+    io = layer_inputs_outputs(model, x)
+    for name in ("2", "4"):
+        layer = plan[name]
+        parts = [ActiveLayerMoments.zeros(layer.weight()[0].numel(), layer.out_features,
+                                          measured=[1, 4, 5], groups=layer.groups) for _ in range(3)]
+        whole, first, second = parts
+        whole.update(layer, *io[name])
+        first.update(layer, io[name][0][:8], io[name][1][:8])
+        second.update(layer, io[name][0][8:], io[name][1][8:])
+        assert first.sum_xx.shape == (layer.groups, first.dim, first.dim)
+        # each starts from the mean of its first image: whole's shift is first's
+        assert torch.equal(whole.shift, first.shift) and not torch.equal(first.shift, second.shift)
+        second.reshift(first.shift)
+        for f in ("n", "sum_x", "sum_xx", "sum_xy_pos", "n_act", "sum_x_act", "sum_xx_act"):
+            torch.testing.assert_close(getattr(first, f) + getattr(second, f), getattr(whole, f),
+                                       rtol=0, atol=1e-9, msg=f"layer {name}, {f}")
+
+
+def batchnorm_net(seed: int = 0) -> nn.Sequential:
+    """:func:`small_net` with a standalone BatchNorm (after the first ReLU, then a ReLU:
+    DenseNet's BN-ReLU-conv), its statistics and affine parameters far from the identity."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(80, 6)).double().eval()
+    with torch.no_grad():
+        net[2].running_mean.uniform_(0.2, 0.6)
+        net[2].running_var.uniform_(0.3, 3.0)
+        net[2].weight.uniform_(0.5, 2.0)
+        net[2].bias.uniform_(-0.3, 0.3)
+    return net
+
+
+def test_standalone_batchnorm_is_skipped_and_named():
+    """A standalone BatchNorm's neurons have one input each: every estimator's pattern is
+    1 / w, its signal the input itself and its distractor 0, so rho is undefined. It is
+    skipped (named in ``skipped`` and under the table), the other layers are measured as
+    brute force says; naming it in layers= raises; figures and comparisons take the result."""
+    from toolkit.compare import estimator_patterns, merge_quality, regime_table
+    from toolkit.linear import UndefinedQualityError
+    from toolkit.plotting.evaluation import plot_layer_quality, plot_layer_quality_regimes
+    from toolkit.quality import ONE_INPUT, estimator_directions
+
+    model = batchnorm_net()
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    x = images(300, seed=2)
+    result = layer_quality(model, patterns, torch.split(x, 64), progress=False)
+    assert result.layers == ["0", "4", "7"] and result.skipped == {"2": ONE_INPUT}
+    check_against_reference(result, model, patterns, x, "all", atol=1e-6)
+    assert result.table().splitlines()[-1] == f"not measured ({ONE_INPUT}): 2"
+    # every estimator's direction is a = 1 / w: S(x) = a w x = x, d = 0
+    w = model[2].weight / torch.sqrt(model[2].running_var + model[2].eps)
+    for est in MEASURABLE:
+        a_pos, a_neg = estimator_directions(est, w.detach(), patterns["2"])
+        torch.testing.assert_close(a_pos * w.detach(), torch.ones(4, dtype=torch.float64))
+        torch.testing.assert_close(a_neg * w.detach(), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(UndefinedQualityError, match="layer 2 has one input per neuron"):
+        layer_quality(model, patterns, x, layers=["0", "2"], progress=False)
+    active = layer_quality(model, patterns, x, progress=False, regime="active")
+    assert active.layers == ["0", "4", "7"] and list(active.skipped) == ["2"]
+    # figures and comparisons
+    ax = plot_layer_quality(result, layers=["0", "2", "4", "7"])
+    assert np.isnan(ax.get_lines()[0].get_ydata()[1])  # a gap where the BatchNorm is
+    plot_layer_quality_regimes({"all": result, "active": active})
+    merged = merge_quality(layer_quality(model, patterns, x, layers=["0"], progress=False),
+                           layer_quality(model, patterns, x, layers=["4", "7"], progress=False))
+    assert merged.layers == ["0", "4", "7"] and merged.mean == result.mean
+    rows = regime_table({"all": result, "active": active}).splitlines()[3:]
+    assert [row.split()[0] for row in rows] == ["0", "4", "7"]
+    filtered = estimator_patterns(model, patterns, "filter", x[:1])
+    torch.testing.assert_close(filtered["2"].positive * w.detach(), torch.ones(4, dtype=torch.float64))

@@ -28,13 +28,15 @@ from toolkit.layers import trace
 from toolkit.methods import LRPZ, DeconvNet, Gradient, GuidedBackprop, PatternAttribution, PatternNet
 from toolkit.patterns import Patterns, fit_patterns
 from toolkit.quality import layer_quality
-from toolkit.residual import MASKS, ActivityMasks, ReluCall, relu_after_additions
+from toolkit.layers import MASKS
 
 LAYER_NAMES = [name for name, _ in CONVS] + ["fc"]
 
 
 def fit(net, mask, data=None):
-    return fit_patterns(net, data if data is not None else residual_batches(), progress=False, mask=mask)
+    """The authors' E[y] convention, which brute_force_patterns writes out."""
+    return fit_patterns(net, data if data is not None else residual_batches(), progress=False, mask=mask,
+                        mean_y="global")
 
 
 # ----------------------------------------------------------------------------------
@@ -45,15 +47,17 @@ def test_relu_after_additions_of_the_tiny_network():
     plan = trace(net, residual_images(1))
     assert plan.names == LAYER_NAMES
     assert [layer.batchnorm_name for layer in plan][:6] == [bn for _, bn in CONVS]
-    sources = relu_after_additions(net, plan)
-    assert sources == {
-        "stem": ReluCall("relu", 0, False), "a_conv1": ReluCall("relu", 1, False),
-        "a_conv2": ReluCall("relu", 2, True), "a_down": ReluCall("relu", 2, True),
-        "b_conv1": ReluCall("relu", 3, False), "b_conv2": ReluCall("relu", 4, True),
-        "fc": None,
-    }
-    assert ActivityMasks(net, plan, "relu_input").deferred == ["a_conv2", "a_down", "b_conv2"]
-    assert ActivityMasks(net, plan, "output").deferred == []
+    nodes = plan.graph.nodes
+    sources = {name: a.source for name, a in plan.activities.items()}
+    relu_calls = [n.name for n in nodes.values() if n.name in plan.graph.activations]
+    assert len(relu_calls) == 5 and all(nodes[n].target == "relu" for n in relu_calls)
+    expected = {"stem": (0, True), "a_conv1": (1, True), "a_conv2": (2, False), "a_down": (2, False),
+                "b_conv1": (3, True), "b_conv2": (4, False)}
+    for name, (call, direct) in expected.items():
+        assert sources[name].node == relu_calls[call] and sources[name].direct == direct, name
+        assert sources[name].steps == ()
+    assert sources["fc"] is None and plan.activities["fc"].last
+    assert not any(a.passes_inactive for a in plan.activities.values())
 
 
 def test_bad_mask_is_named():
@@ -276,7 +280,7 @@ def test_two_processes_equal_one(tmp_path):
     run_workers("tiny_residual", 2, tmp_path)
     net = tiny_residual()
     for mask in MASKS:
-        single = fit(net, mask)
+        single = fit_patterns(net, residual_batches(), progress=False, mask=mask)  # as the workers
         ranks = [Patterns.load(tmp_path / f"{mask}.rank{r}.safetensors", net) for r in range(2)]
         for name in LAYER_NAMES:
             assert ranks[0][name].n == single[name].n
@@ -327,11 +331,12 @@ def test_torchvision_resnet_fits_and_explains_finitely(name):
 
 
 def test_default_mask_is_the_relu_after_the_addition():
-    from toolkit.residual import DEFAULT_MASK
+    from toolkit.layers import DEFAULT_MASK
 
     net = tiny_residual()
     assert DEFAULT_MASK == "relu_input"
-    default, relu_input = fit_patterns(net, residual_batches(), progress=False), fit(net, "relu_input")
+    default = fit_patterns(net, residual_batches(), progress=False, mean_y="global")
+    relu_input = fit(net, "relu_input")
     assert all(torch.equal(default[n].positive, relu_input[n].positive) for n in LAYER_NAMES)
 
 
@@ -355,7 +360,7 @@ def test_untraceable_model_falls_back_to_the_own_output_with_a_warning():
     torch.manual_seed(0)
     net = DataDependent().double().eval()
     data = [residual_images(6)]
-    with pytest.warns(RuntimeWarning, match="torch.fx cannot trace DataDependent"):
+    with pytest.warns(RuntimeWarning, match="torch.fx cannot trace the model, so the activation"):
         fallback = fit_patterns(net, data, progress=False)
     explicit = fit_patterns(net, data, progress=False, mask="output")
     for name in ("conv", "fc"):

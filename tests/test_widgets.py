@@ -132,3 +132,25 @@ def test_toy_panel_draws_on_given_axes_and_rejects_other_dimensions():
     assert ax.get_legend() is not None
     with pytest.raises(ValueError, match="2-D data"):
         toy.plot_toy_panel(ax, np.zeros((5, 3)), np.zeros(5), np.ones(3))
+
+
+def test_root_points_lie_where_given_with_the_boundary_through_them():
+    data_x = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    w, bias = np.array([1.0, -1.0]), 0.5
+    sample = np.array([2.0, 1.0])
+    roots = {"first": np.array([0.0, 0.5]), "second": np.array([1.0, 1.5])}  # both on w^T x + b = 0
+    ax = Figure().add_subplot()
+    assert toy.plot_root_points(ax, data_x, np.zeros(3), w, sample, roots, bias=bias) is ax
+    (boundary,) = [line for line in ax.lines if hasattr(line, "get_xy1")]
+    for point in (boundary.get_xy1(), boundary.get_xy2()):
+        assert w @ np.asarray(point) + bias == pytest.approx(0)
+    dots = {tuple(line.get_xydata()[0]) for line in ax.lines if line.get_marker() == "o"}
+    assert dots == {(0.0, 0.5), (1.0, 1.5)}
+    arrows = [a for a in ax.texts if a.xy == tuple(sample)]  # one arrow from every root point to the sample
+    assert sorted(a.xyann for a in arrows) == [(0.0, 0.5), (1.0, 1.5)]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"first", "second", "sample $x$"} <= set(labels)
+    with pytest.raises(ValueError, match="shape"):
+        toy.plot_root_points(ax, data_x, np.zeros(3), w, sample, {"3-D": np.zeros(3)})
+    with pytest.raises(ValueError, match="no boundary"):
+        toy.plot_root_points(ax, data_x, np.zeros(3), np.zeros(2), sample, roots)

@@ -4,8 +4,8 @@ The toolkit follows the paper's three steps:
 
 1. ``toolkit.linear`` -- the linear signal/distractor model in NumPy, where every
    estimator has a closed form;
-2. ``toolkit.fit_patterns`` -- the same estimators learned for every Conv2d/Linear
-   neuron of a torch network from streamed float64 statistics;
+2. ``toolkit.fit_patterns`` -- the same estimators learned for every neuron of a torch
+   network (Linear layers, convolutions, BatchNorms) from streamed float64 statistics;
 3. ``toolkit.methods`` -- the backward passes (Gradient, DeconvNet, Guided Backprop,
    PatternNet, PatternAttribution, LRP-z) and ``toolkit.quality`` /
    ``toolkit.perturbation`` to measure them.
@@ -29,10 +29,10 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "estimators", "layers", "streaming", "residual", "patterns", "fingerprint", "precision",
-    "methods",
-    "quality", "perturbation", "experiment",
+    "linear", "estimators", "layers", "rules", "streaming", "patterns", "fingerprint", "precision",
+    "methods", "quality", "perturbation", "experiment", "sanity", "similarity", "convention", "interop",
     "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets", "reproduce", "cli",
+    "timeseries", "architectures", "intervals",
 )
 
 

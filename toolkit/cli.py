@@ -219,9 +219,15 @@ def _dtype(name: str):
 
 
 def _preprocessing(args):
-    from toolkit.imagenet import Preprocessing
+    """The images' preprocessing: the options given, the rest from the torchvision model
+    (:func:`toolkit.zoo.input_preprocessing`), else ImageNet's (resize 256, crop 224)."""
+    from toolkit.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from toolkit.zoo import TORCHVISION_MODELS, input_preprocessing
 
-    return Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std))
+    own = (input_preprocessing(args.model) if getattr(args, "model", None) in TORCHVISION_MODELS else
+           {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    chosen = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in own.items()}
+    return Preprocessing(chosen["resize"], chosen["crop"], tuple(chosen["mean"]), tuple(chosen["std"]))
 
 
 def _dataset(args, default_split: str):
@@ -509,17 +515,20 @@ def _reproduce(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------
 # the parser
 # ----------------------------------------------------------------------------------
-MODEL_HELP = ("a torchvision model (alexnet, vgg11 ... vgg19, vgg16_bn ..., resnet18, resnet34, "
-              "resnet50), a factory 'package.module:function' (e.g. toolkit.models:SmallVGG), or a model file saved "
-              "by toolkit.models.save_model")
+MODEL_HELP = ("a torchvision classifier (alexnet, vgg11 ... vgg19_bn, resnet18 ... resnet152, wide_resnet50_2, "
+              "resnext50_32x4d, regnet_x_400mf ... regnet_x_32gf, densenet121 ... densenet201, googlenet, "
+              "inception_v3, mobilenet_v2, mnasnet0_5 ... mnasnet1_3, shufflenet_v2_x0_5 ... shufflenet_v2_x2_0, "
+              "squeezenet1_0, squeezenet1_1: toolkit.zoo.TORCHVISION_MODELS), a factory "
+              "'package.module:function' (e.g. toolkit.models:SmallVGG), or a model file saved by "
+              "toolkit.models.save_model")
 WEIGHTS_HELP = ("torchvision models: DEFAULT (pretrained, from torch's cache or downloaded once), "
                 "another weight name (IMAGENET1K_V1), 'random', or a FILE (torch.save state dict or "
                 "safetensors); factories and model files: a FILE to load into the model "
                 "(default: DEFAULT)")
-MASK_CHOICES = ("output", "relu_input")  # toolkit.residual.MASKS, without importing torch here
-MASK_HELP = ("activity mask of a layer not followed directly by a ReLU (residual blocks): its own "
-             "output > 0, or the input of the ReLU after the addition (default: "
-             "toolkit.residual.DEFAULT_MASK)")
+MASK_CHOICES = ("output", "relu_input")  # toolkit.layers.MASKS, without importing torch here
+MASK_HELP = ("activity mask of a layer not followed directly by its ReLU (residual blocks, "
+             "concatenations): its own output > 0, or the ReLU's rule on its input after the "
+             "addition or concatenation (relu_input, the default: toolkit.layers.DEFAULT_MASK)")
 DATA_HELP = ("an image folder (ImageNet root with train/ and val/, one folder per class, or a flat "
              "folder of JPEG/PNG with an optional label file) or a tensor file (.pt, .npz) of model inputs")
 
@@ -552,12 +561,15 @@ def _model_arguments(parser: argparse.ArgumentParser, patterns: str | None = Non
 
 
 def _image_arguments(group) -> None:
-    group.add_argument("--resize", type=positive_int, default=256, help="shorter image side after resizing (default: 256)")
-    group.add_argument("--crop", type=positive_int, default=224, help="side of the central crop (default: 224)")
-    group.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], metavar=("R", "G", "B"),
-                       help="per-channel mean subtracted after scaling to [0, 1] (default: ImageNet's)")
-    group.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225], metavar=("R", "G", "B"),
-                       help="per-channel standard deviation (default: ImageNet's)")
+    group.add_argument("--resize", type=positive_int, help="shorter image side after resizing (default: the "
+                       "torchvision model's, else 256)")
+    group.add_argument("--crop", type=positive_int, help="side of the central crop (default: the torchvision "
+                       "model's, 299 for inception_v3, else 224)")
+    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                       help="per-channel mean subtracted after scaling to [0, 1] (default: the torchvision "
+                            "model's: ImageNet's, 0.5 for googlenet and inception_v3)")
+    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                       help="per-channel standard deviation (default: as --mean)")
 
 
 def _data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -608,9 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="save the statistics here every --checkpoint-every batches and resume from it "
                             "(under torchrun one file per process: ck.safetensors -> ck.rank0.safetensors, ...)")
     group.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N", help="batches between checkpoints (default: 100)")
-    group.add_argument("--mean-y", choices=("global", "masked"), default="global",
-                       help="E[y] of the two-component patterns: over all samples (authors' code, the default) "
-                            "or over the component's samples")
+    group.add_argument("--mean-y", choices=("masked", "global"), default="masked",
+                       help="E[y] of the two-component patterns: over the component's own samples (the "
+                            "default; unchanged by a constant input shift) or over all samples (the "
+                            "paper's formula and the authors' code)")
     group.add_argument("--mask", choices=MASK_CHOICES, default=None, help=MASK_HELP)
     group.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                        help="dtype of the model's forward pass (default: float32; float64 is exact and slower)")

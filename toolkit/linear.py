@@ -51,6 +51,8 @@ __all__ = [
     "FilterEstimator",
     "LinearEstimator",
     "TwoComponentEstimator",
+    "MEAN_Y_CONVENTIONS",
+    "DEFAULT_MEAN_Y",
     "RandomEstimator",
     "ESTIMATORS",
     "make_estimator",
@@ -62,6 +64,14 @@ __all__ = [
     "NotFittedError",
     "UndefinedQualityError",
 ]
+
+#: The two conventions for the mean of ``y`` in the two-component estimator's ``a_+`` and
+#: ``a_-``: over the component's own samples (``E_+[y]``) or over all samples (``E[y]``).
+MEAN_Y_CONVENTIONS = ("masked", "global")
+#: The convention used unless told otherwise, here and in :func:`toolkit.fit_patterns`:
+#: ``E_+[y]``, which keeps the estimator unchanged under a constant input shift
+#: (docs/math.md, section 3.3). ``"global"`` is the paper's formula and the authors' code.
+DEFAULT_MEAN_Y = "masked"
 
 # A direction whose squared sine with another is below this is called parallel.
 _PARALLEL_TOL = 1e-12
@@ -523,14 +533,15 @@ class TwoComponentEstimator(SignalEstimator):
 
     Parameters
     ----------
-    mean_y : {"global", "masked"}
-        What ``m`` is. ``"global"`` (default) uses ``m = E[y]`` over *all* samples, as
-        the authors' code does; the two halves then together satisfy
-        ``cov[x - S(x), y] = 0`` exactly on the fitting data. ``"masked"`` uses
-        ``m = E_+[y]`` (resp. ``E_-[y]``), as written in the seminar, which makes each
-        half's covariance ``cov_+[x, y]`` and recovers ``a_s`` exactly in the toy even
-        when the noise has a non-zero mean, where the global convention adds a
-        multiple of ``a_d``.
+    mean_y : {"masked", "global"}
+        What ``m`` is. ``"masked"`` (default, :data:`DEFAULT_MEAN_Y`) uses ``m = E_+[y]``
+        (resp. ``E_-[y]``), as written in the seminar, which makes each half's numerator
+        the covariance ``cov_+[x, y]``: it recovers ``a_s`` exactly in the toy even when
+        the noise has a non-zero mean, and it is unchanged when a constant is added to
+        the input (docs/math.md, section 3.3). ``"global"`` uses ``m = E[y]`` over *all*
+        samples, as the paper's formula and the authors' code do; the two halves then
+        together satisfy ``cov[x - S(x), y] = 0`` exactly on the fitting data, but a
+        constant shift ``c`` of the input moves the numerator by ``c (E_+[y] - E[y])``.
 
     Notes
     -----
@@ -541,9 +552,10 @@ class TwoComponentEstimator(SignalEstimator):
     name = "two_component"
     symbol = "S_a+-"
 
-    def __init__(self, mean_y="global"):
-        if mean_y not in ("global", "masked"):
-            raise ValueError(f'mean_y must be "global" or "masked"; got {mean_y!r}')
+    def __init__(self, mean_y=None):
+        mean_y = DEFAULT_MEAN_Y if mean_y is None else mean_y
+        if mean_y not in MEAN_Y_CONVENTIONS:
+            raise ValueError(f'mean_y must be "masked" or "global"; got {mean_y!r}')
         self.mean_y = mean_y
 
     def _fit(self, x, w, y):
@@ -801,7 +813,7 @@ class Exploration:
 
 
 def explore(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=1.0, n=1000,
-            estimator="two_component", seed=0, mean_y="global", n_held_out=5000):
+            estimator="two_component", seed=0, mean_y=None, n_held_out=5000):
     """Fit the toy model for one setting of the explorer's controls.
 
     Draws ``n`` training samples of the 2-D model with unit directions at the given
@@ -826,8 +838,9 @@ def explore(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=1
         Name of the estimator to highlight (a key of :data:`ESTIMATORS`).
     seed : int or numpy.random.Generator
         Seed of the samples and of the random estimator.
-    mean_y : {"global", "masked"}
-        Convention of the two-component estimator (see :class:`TwoComponentEstimator`).
+    mean_y : {"masked", "global"}, optional
+        Convention of the two-component estimator (see :class:`TwoComponentEstimator`);
+        default :data:`DEFAULT_MEAN_Y`.
     n_held_out : int
         Number of held-out samples on which ``rho`` is measured (the default keeps the
         finite-sample floor near 0.01 and an explorer update fast).
@@ -844,7 +857,7 @@ def explore(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=1
     held_out = make_data(n_held_out, a_s, a_d, noise_mean, noise_std, seed=rng)
     w = fit_filter(data.x, data.y)
 
-    options = {"two_component": {"mean_y": mean_y}, "random": {"seed": rng}}
+    options = {"two_component": {"mean_y": DEFAULT_MEAN_Y if mean_y is None else mean_y}, "random": {"seed": rng}}
     estimators = {name: make_estimator(name, **options.get(name, {})).fit(data.x, w)
                   for name in ESTIMATORS}
     rho, notes = {}, {}

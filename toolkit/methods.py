@@ -3,7 +3,7 @@
 :class:`Gradient`, :class:`DeconvNet`, :class:`GuidedBackprop`, :class:`PatternNet`,
 :class:`PatternAttribution` and :class:`LRPZ` share Captum's signature
 ``attribute(inputs, target=None)`` (``target=None``: the predicted class). They differ
-only in how a Conv2d/Linear layer and a ReLU pass the backward signal on (the weight, the
+only in how a neuron layer and a ReLU-family activation pass the backward signal on (the weight, the
 pattern, or their product; the forward mask, a ReLU of the signal, or both) and in the
 value the pass starts from (``start="one"`` or ``"logit"``). The rules, the start
 values and PatternAttribution as deep Taylor decomposition are in docs/math.md,
@@ -21,43 +21,35 @@ Example::
     patterns = fit_patterns(model, loader)
     signal = PatternNet(model, patterns).attribute(images, target=None)  # predicted class
 
-How it is computed: during the forward pass :func:`toolkit.layers.intercept` replaces
-the output of every Conv2d/Linear layer (and, for DeconvNet and Guided Backprop, every
-ReLU) by a tensor with the same values whose backward pass is the method's rule, and one
-call of :func:`torch.autograd.grad` runs the whole explanation for the whole batch.
-The model is never changed: it runs in eval mode for the pass (each module's mode is
-restored), the hooks are removed afterwards, and no ``.grad`` is written.
+How it is computed: during the forward pass (:func:`toolkit.layers.run`) the output of
+every neuron layer (and, for DeconvNet and Guided Backprop, of every ReLU-family
+activation) is replaced by a tensor with the same values whose backward pass is the
+method's rule (:mod:`toolkit.rules`), and one call of :func:`torch.autograd.grad` runs
+the whole explanation for the whole batch. The model is never changed: it runs in eval
+mode for the pass (each module's mode is restored), no hook stays behind, and no
+``.grad`` is written.
 
 Overflow
 --------
-The backward signal of PatternNet grows by about ``|a_+| |w|`` per layer (50-65 for a
-random VGG, close to ``sqrt(D)``), which overflows float32 after some 20 layers. So
-the signal is rescaled per sample: before each Conv2d/Linear rule, every sample's
-signal is divided by the power of two that brings its largest value into [0.5, 1),
-and the exponents are summed per sample (:class:`_Scale`). Everything between two
-rules (ReLU masks, pooling, views, scaling by a constant) is positively homogeneous
-per sample, so this changes nothing but the scale; and a power of two scales exactly
-in binary floating point, so a result that is representable comes back bit for bit
-(up to values below the smallest normal number).
+The backward signal is rescaled per sample by powers of two where every path passes
+(:mod:`toolkit.rules`), so the result is exact whenever it is representable:
 
 * :meth:`Explainer.attribute` returns the exact result for every sample whose result
   fits the dtype as a normal number. A sample whose result does not fit (larger than
   the dtype's maximum, or with a peak below its smallest normal number) is returned
   *normalised*, its peak ``|value|`` in [0.5, 1), and an :class:`ExplanationScaleWarning`
-  names those samples and their scale. Nothing is ever inf or NaN.
+  names those samples and their scale. Nothing is ever inf or NaN: a float32 pass that
+  overflows inside a block without a place to rescale (a long dense block) is computed
+  again in float64.
 * :meth:`Explainer.attribute_scaled` returns every sample normalised together with
   its scale: ``explanation = values * 2 ** log2_scale`` (:class:`ScaledExplanation`).
-
-The rescaling relies on the backward pass being a chain (one path from the output to
-the input), which :func:`toolkit.layers.check_forward` ensures by refusing residual
-additions.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-from contextlib import contextmanager
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Mapping, NamedTuple, Sequence, Union
 
@@ -65,7 +57,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toolkit.layers import Layer, Plan, UnsupportedLayerError, evaluation_mode, intercept, trace
+from toolkit.layers import Hooks, Layer, Plan, evaluation_mode, run, trace
+from toolkit.targets import Target, as_target
+from toolkit.rules import (DeconvRule, GuidedRule, LinearRule, MaskCell, Normalise, Scale,
+                           times_power_of_two)
 
 __all__ = [
     "Method",
@@ -87,8 +82,6 @@ __all__ = [
     "Target",
 ]
 
-#: One class for all samples, one class per sample, or None for the predicted classes.
-Target = Union[int, Sequence[int], Tensor, None]
 
 STARTS = ("logit", "one")
 #: The estimators whose fitted patterns PatternNet and PatternAttribution use (``kind=``).
@@ -129,126 +122,7 @@ class ScaledExplanation(NamedTuple):
         """``values * 2 ** log2_scale`` in ``dtype`` (inf where it does not fit, 0 where
         ``values`` is 0)."""
         values = self.values.to(dtype)
-        return torch.where(values == 0, values, _times_power_of_two(values, self.log2_scale))
-
-
-# ----------------------------------------------------------------------------------
-# per-sample powers of two
-# ----------------------------------------------------------------------------------
-def _peak_exponent(t: Tensor) -> Tensor:
-    """Per sample, the ``e`` with ``max |t| = m * 2**e``, ``m`` in [0.5, 1) (0 for zeros)."""
-    peak = t.detach().abs().reshape(t.shape[0], -1).amax(1) if t.dim() > 1 else t.detach().abs()
-    return torch.frexp(peak).exponent.long()
-
-
-def _times_power_of_two(t: Tensor, exponent: Tensor) -> Tensor:
-    """``t * 2**exponent`` per sample, exactly while the result is representable.
-
-    The factor is applied in two halves so that each is representable in ``t``'s dtype
-    (half of the widest exponent range of an IEEE type still fits in it)."""
-    shape = (-1, *([1] * (t.dim() - 1)))
-    half = torch.div(exponent, 2, rounding_mode="floor")
-    for k in (half, exponent - half):
-        t = t * torch.exp2(k.to(torch.float64)).to(t.dtype).reshape(shape)
-    return t
-
-
-class _Scale:
-    """The power of two each sample's backward signal has been divided by so far."""
-
-    def __init__(self, samples: int, device):
-        self.log2 = torch.zeros(samples, dtype=torch.long, device=device)
-
-    def normalise(self, t: Tensor) -> Tensor:
-        """``t`` divided per sample by the power of two that puts its peak in [0.5, 1)."""
-        exponent = _peak_exponent(t)
-        self.log2 += exponent
-        return _times_power_of_two(t, -exponent)
-
-
-# ----------------------------------------------------------------------------------
-# the backward rules autograd does not know
-# ----------------------------------------------------------------------------------
-class _LinearRule(torch.autograd.Function):
-    """Forward: the layer output ``z``. Backward: ``V^T grad``, for the layer input only,
-    after dividing each sample's ``grad`` by a power of two (recorded in ``scale``).
-
-    ``z`` comes in detached and goes out as a copy, so the layer's own graph (and with
-    it the weight gradients) is cut; of the input only the shape is kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor, rule_weight: Tensor, layer: Layer, scale: _Scale) -> Tensor:
-        ctx.layer, ctx.input_shape, ctx.scale = layer, x.shape, scale
-        ctx.save_for_backward(rule_weight)
-        return z.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (rule_weight,) = ctx.saved_tensors
-        if ctx.scale is not None:  # None inside a residual block (see _Normalise)
-            grad = ctx.scale.normalise(grad)
-        return ctx.layer.transpose(grad, rule_weight, ctx.input_shape), None, None, None, None
-
-
-class _Normalise(torch.autograd.Function):
-    """Forward: identity. Backward: the signal divided per sample by a power of two
-    (recorded in ``scale``). Put on the output of a residual block: there the signal of
-    both branches is one tensor, so every path below it is divided alike, while the
-    layers inside the block leave the scale alone (a signal rescaled on one branch only
-    could not be added to the other's)."""
-
-    @staticmethod
-    def forward(ctx, output: Tensor, scale: _Scale) -> Tensor:
-        ctx.scale = scale
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return ctx.scale.normalise(grad), None
-
-
-@contextmanager
-def _normalised_blocks(model: nn.Module, plan: Plan, scale: _Scale):
-    """Rescale the backward signal at the output of every outermost residual block."""
-    blocks = [m for m in plan.residual_modules
-              if m and not any(o == "" or m.startswith(o + ".") for o in plan.residual_modules if o != m)]
-    if "" in plan.residual_modules:
-        blocks = []
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda module, args, output: _Normalise.apply(output, scale))
-               for name in blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class _DeconvReLU(torch.autograd.Function):
-    """Forward: the ReLU output. Backward: ``relu(grad)``, ignoring the forward mask."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad.clamp(min=0), None
-
-
-class _GuidedReLU(torch.autograd.Function):
-    """Forward: the ReLU output. Backward: ``relu(grad)`` where the ReLU was active."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
-        ctx.save_for_backward(output > 0)
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (active,) = ctx.saved_tensors
-        return grad.clamp(min=0) * active, None
+        return torch.where(values == 0, values, times_power_of_two(values, self.log2_scale))
 
 
 # ----------------------------------------------------------------------------------
@@ -258,15 +132,17 @@ class Explainer:
     """Base class: explain the outputs of ``model`` by one modified backward pass.
 
     A subclass states its rules and nothing else: the weight whose transpose carries
-    the signal back through each Conv2d/Linear layer (:meth:`rule_weights`, ``W`` by
-    default), the autograd function that replaces each ReLU (``relu_rule``; None keeps
-    autograd's own ReLU backward, the forward mask), and how the pass starts and ends.
+    the signal back through each neuron layer (:meth:`rule_weights`, ``W`` by default),
+    the autograd function that replaces each ReLU-family activation
+    (``activation_rule``, from :mod:`toolkit.rules`; None keeps autograd's own backward,
+    the forward mask), and how the pass starts and ends.
 
     Parameters
     ----------
     model : nn.Module
-        A classifier built from the modules of :data:`toolkit.layers.SUPPORTED_MODULES`
-        that returns logits shaped ``(N, classes)``.
+        A classifier of neuron layers, ReLU-family activations and the operations
+        :mod:`toolkit.layers` allows between them, that returns logits shaped
+        ``(N, classes)``.
     start : {"logit", "one"}, optional
         The value the backward pass starts from at the selected output neuron: the
         logit's own value, or 1. Each method documents its default.
@@ -278,7 +154,7 @@ class Explainer:
     """
 
     default_start = "one"
-    relu_rule: type[torch.autograd.Function] | None = None
+    activation_rule: type[torch.autograd.Function] | None = None
 
     def __init__(self, model: nn.Module, start: str | None = None):
         if not isinstance(model, nn.Module):
@@ -293,11 +169,21 @@ class Explainer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, start={self.start!r})"
 
+    def use_plan(self, plan: Plan) -> "Explainer":
+        """Use ``plan``, made once by :func:`toolkit.layers.trace` of this explainer's
+        model, instead of tracing the model again; for many explainers of one model (the
+        sanity checks explain every randomised network with every method). Returns self.
+        """
+        if not any(module is plan.layers[0].module for module in self.model.modules()):
+            raise ValueError("the plan was traced from another model than this explainer's")
+        self._check_plan(plan)
+        self._plan = plan
+        return self
+
     # -- the rules (overridden by the methods) --------------------------------------
     @property
     def _pattern_kind(self) -> str:
-        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
-        active neurons pass the signal, so ``a_-`` is never needed)."""
+        """The pattern of the active side: ``linear`` for S_a, ``positive`` for S_a+-."""
         return "linear" if self.kind == "linear" else "positive"
 
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
@@ -367,7 +253,7 @@ class Explainer:
                 "sample with its scale (log2); a float64 model gives the exact values",
                 ExplanationScaleWarning, stacklevel=2)
         exact = torch.where(fits & ~zero, log2_scale, torch.zeros_like(log2_scale))
-        return _times_power_of_two(values, exact)
+        return times_power_of_two(values, exact)
 
     def attribute_scaled(self, inputs: Tensor, target: Target = None) -> ScaledExplanation:
         """Like :meth:`attribute`, but every sample normalised, with its scale.
@@ -381,38 +267,75 @@ class Explainer:
         """
         self._check_inputs(inputs)
         with torch.inference_mode(False):
-            plan = self._plan_for(inputs)
-            _check_input_rank(inputs, plan)
-            x = inputs.detach().clone().requires_grad_(True)
-            scale = _Scale(x.shape[0], x.device)
-            logits = self._forward(x, plan, scale)
-            self._check_logits(logits, inputs)
-            target = _as_target(target, logits)
-            self._check_target(plan, target, logits)
-            seed = scale.normalise(self._seed(logits.detach(), target))
-            (grad,) = torch.autograd.grad(logits, x, seed)
-            values = scale.normalise(self.finish(x.detach(), grad))
+            result = self._explain(inputs, target)
+        if not bool(torch.isfinite(result.values).all()) and inputs.dtype != torch.float64:
+            result = self._in_float64()._explain(inputs.double(), target)
+            result = ScaledExplanation(result.values.to(inputs.dtype), result.log2_scale)
+        if not bool(torch.isfinite(result.values).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the backward signal overflows even in float64 (it grows "
+                "beyond 1e308 inside a block where it cannot be rescaled); the explanation is not "
+                "representable")
+        return result
+
+    def _explain(self, inputs: Tensor, target: Target) -> ScaledExplanation:
+        plan = self._plan_for(inputs)
+        x = inputs.detach().clone().requires_grad_(True)
+        scale = Scale(x.shape[0], x.device)
+        logits = self._forward(x, plan, scale)
+        self._check_logits(logits, inputs)
+        target = as_target(target, logits)
+        self._check_target(plan, target, logits)
+        seed = scale.normalise(self._seed(logits.detach(), target))
+        (grad,) = torch.autograd.grad(logits, x, seed)
+        values = scale.normalise(self.finish(x.detach(), grad))
         return ScaledExplanation(values, scale.log2)
 
-    def _forward(self, x: Tensor, plan: Plan, scale: _Scale) -> Tensor:
-        """The model's forward pass (eval mode) with the rules' functions in place.
+    def _in_float64(self) -> "Explainer":
+        """This explainer on a float64 copy of the model (for a float32 pass that overflows)."""
+        twin = copy.copy(self)
+        twin.model = copy.deepcopy(self.model).double()
+        twin._plan = None
+        if hasattr(twin, "_weights_cache"):
+            twin._weights_cache = None
+        return twin
 
-        The model gets a copy of ``x``, so that an inplace ReLU as its first module
-        changes the copy, not the leaf the gradient is taken for."""
+    def _forward(self, x: Tensor, plan: Plan, scale: Scale) -> Tensor:
+        """The model's forward pass (eval mode) with the rules in place (:func:`toolkit.layers.run`).
+
+        The model gets a copy of ``x``, so that an in-place first operation changes the
+        copy, not the leaf the gradient is taken for."""
         weights = self.rule_weights(plan, x)
+        layer_activities = plan.activities
+        cells: dict[str, MaskCell] = {}
+        own_mask = self._own_masks(plan)
 
         def on_layer(layer: Layer, layer_input: Tensor, z: Tensor) -> Tensor:
-            own = None if plan.in_branch(layer) else scale
-            return _LinearRule.apply(layer_input, z.detach(), weights[layer.name], layer, own)
+            weight, cell = weights[layer.name], None
+            if isinstance(weight, tuple):
+                cell = cells.setdefault(layer.name, MaskCell())
+                if layer.name in own_mask:
+                    cell.mask = z.detach() > 0
+            own = scale if plan.is_cut(layer) else None
+            return LinearRule.apply(layer_input, z.detach(), weight, layer, own, cell)
 
-        def on_relu(relu: nn.ReLU, relu_input: Tensor, output: Tensor) -> Tensor:
-            return self.relu_rule.apply(relu_input, output.detach())
+        def on_activity(layer: Layer, active: Tensor) -> None:
+            if layer.name in cells and layer.name not in own_mask:
+                cells[layer.name].mask = active
 
-        relu_hook = on_relu if self.relu_rule is not None else None
-        with evaluation_mode(self.model), torch.enable_grad(), \
-                intercept(self.model, plan, on_layer=on_layer, on_relu=relu_hook), \
-                _normalised_blocks(self.model, plan, scale):
-            return self.model(x.clone())
+        def on_activation(activation, u: Tensor, out: Tensor) -> Tensor:
+            return self.activation_rule.apply(u, out.detach(), activation)
+
+        two_sided = {name: a for name, a in layer_activities.items() if isinstance(weights[name], tuple)}
+        hooks = Hooks(on_layer=on_layer, on_activity=on_activity, activities=two_sided,
+                      on_activation=on_activation if self.activation_rule is not None else None,
+                      normalise=lambda t: Normalise.apply(t, scale))
+        with evaluation_mode(self.model), torch.enable_grad():
+            return run(self.model, plan, x.clone(), hooks)
+
+    def _own_masks(self, plan: Plan) -> set[str]:
+        """The layers whose two-sided rule takes its mask from their own output ``z > 0``."""
+        return set()
 
     def _seed(self, logits: Tensor, target: Tensor) -> Tensor:
         """The output gradient that starts the backward pass: the start value at each
@@ -437,11 +360,6 @@ class Explainer:
 
     def _check_plan(self, plan: Plan) -> None:
         """Hook for methods that need something of every layer (their patterns)."""
-        if self.relu_rule is not None and plan.relu_calls:
-            raise UnsupportedLayerError(
-                f"{type(self).__name__} applies its ReLU rule at nn.ReLU modules, but the forward "
-                f"calls a ReLU as a function at {plan.relu_calls[0]}; write it as an nn.ReLU module"
-            )
 
     def _check_target(self, plan: Plan, target: Tensor, logits: Tensor) -> None:
         """Hook for methods that cannot explain some output neurons."""
@@ -475,75 +393,6 @@ class Explainer:
                 f"for inputs of shape {tuple(inputs.shape)} the model returned {shape}; "
                 f"expected logits shaped ({inputs.shape[0]}, classes)"
             )
-
-
-def _check_input_rank(inputs: Tensor, plan: Plan) -> None:
-    """A convolutional network needs (N, C, H, W): an unbatched (C, H, W) image would
-    otherwise pass through the convolutions as one sample with C rows."""
-    first = plan.layers[0]
-    rank = first.ops.input_rank
-    if rank is not None and inputs.dim() != rank:
-        raise ValueError(
-            f"inputs of shape {tuple(inputs.shape)} are not (N, C, H, W), as the model's "
-            f"first layer '{first.name}' ({type(first.module).__name__}) needs"
-        )
-
-
-def _as_target(target: Target, logits: Tensor) -> Tensor:
-    """The class index of every sample as a long tensor on the logits' device."""
-    n, classes = logits.shape
-    if target is None:
-        return logits.detach().argmax(1)
-    t = _target_tensor(target, classes).to(logits.device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(
-            f"got {t.numel()} targets (shape {tuple(t.shape)}) for {n} inputs; give one int, "
-            f"one class per sample, or None"
-        )
-    bad = t[(t < 0) | (t >= classes)]
-    if bad.numel():
-        raise ValueError(
-            f"target {bad[0].item()} is out of range: the model has {classes} classes "
-            f"(0 to {classes - 1})"
-        )
-    return t.long()
-
-
-def _target_tensor(target, classes: int) -> Tensor:
-    """``target`` as an integer tensor, or a clear error about what it is instead."""
-    if isinstance(target, (bool, np.bool_)) or (isinstance(target, Tensor) and target.dtype == torch.bool):
-        raise TypeError("target must be class indices, not booleans")
-    if isinstance(target, (str, bytes)):
-        raise TypeError(f"target must be an integer class index, not the string {target!r}; "
-                        "map class names to indices first")
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"target must be integer class indices, got {target.dtype}")
-        return target
-    values = [target] if np.ndim(target) == 0 and not isinstance(target, (list, tuple)) else target
-    if isinstance(values, (list, tuple)):
-        for value in values:
-            if value is None:
-                raise TypeError("target holds None; give None itself (not a list of None) to explain "
-                                "the predicted classes, or one class index per sample")
-            if isinstance(value, (bool, np.bool_)):
-                raise TypeError("target must be class indices, not booleans")
-            if not isinstance(value, (numbers.Integral, Tensor, np.ndarray)):
-                raise TypeError(f"target must be integer class indices, got {value!r} "
-                                f"({type(value).__name__})")
-            if isinstance(value, numbers.Integral) and not -2**63 <= int(value) < 2**63:
-                raise ValueError(f"target {int(value)} is out of range: the model has {classes} "
-                                 f"classes (0 to {classes - 1})")
-    try:
-        t = torch.as_tensor(target)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        raise TypeError(f"target must be an int, a sequence of ints, an integer tensor or None; "
-                        f"cannot read {type(target).__name__} {target!r:.60}: {error}") from None
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"target must be integer class indices, got {t.dtype}")
-    return t
 
 
 # ----------------------------------------------------------------------------------
@@ -657,7 +506,7 @@ def get_method(name: str) -> Method:
 class Gradient(Explainer):
     """The gradient of the selected output with respect to the input (saliency map).
 
-    Rules: ``W^T`` through Conv2d/Linear layers, the forward mask at each ReLU. Equal to
+    Rules: ``W^T`` through every neuron layer, the forward derivative at each activation. Equal to
     Captum's ``Saliency(abs=False)``.
 
     Parameters
@@ -677,8 +526,9 @@ class Gradient(Explainer):
 class DeconvNet(Explainer):
     """DeconvNet (Zeiler & Fergus, 2014): the gradient with ReLUs applied to the signal.
 
-    Rules: ``W^T`` through Conv2d/Linear layers; at each ReLU the backward signal is
-    rectified, ``relu(r)``, and the forward mask is ignored. Max-pooling switches come
+    Rules: ``W^T`` through every neuron layer; at each ReLU-family activation the
+    backward signal is rectified, ``relu(r)`` (a LeakyReLU's shape with its slope), and
+    the forward mask is ignored. Max-pooling switches come
     from the forward pass. Equal to Captum's ``Deconvolution``. In the paper's terms it
     reconstructs the signal with the filter-based estimator ``S_w``.
 
@@ -689,7 +539,7 @@ class DeconvNet(Explainer):
         The backward pass starts from 1 at the selected logit.
     """
 
-    relu_rule = _DeconvReLU
+    activation_rule = DeconvRule
 
 
 @register(Method("guided_backprop", "Guided BP", "Guided Backprop", "signal",
@@ -697,7 +547,7 @@ class DeconvNet(Explainer):
 class GuidedBackprop(Explainer):
     """Guided Backprop (Springenberg et al., 2015): gradient and DeconvNet combined.
 
-    Rules: ``W^T`` through Conv2d/Linear layers; at each ReLU the signal passes only
+    Rules: ``W^T`` through every neuron layer; at each ReLU-family activation the signal passes only
     where the forward ReLU was active *and* the signal is positive. Equal to Captum's
     ``GuidedBackprop``.
 
@@ -708,7 +558,7 @@ class GuidedBackprop(Explainer):
         The backward pass starts from 1 at the selected logit.
     """
 
-    relu_rule = _GuidedReLU
+    activation_rule = GuidedRule
 
 
 # ----------------------------------------------------------------------------------
@@ -763,43 +613,79 @@ class _PatternExplainer(Explainer):
                 f"start={self.start!r})")
 
     def _check_plan(self, plan: Plan) -> None:
-        from toolkit.patterns import PatternMismatchError
+        from toolkit.patterns import MissingPatternsError, PatternMismatchError
 
+        two_sided = self._two_sided(plan)
         for layer in plan:
             if layer.name not in self.patterns:
                 raise PatternMismatchError(
                     f"no patterns for layer '{layer.name}'; the patterns hold {self.patterns.names}"
                 )
-            shape = getattr(self.patterns[layer.name], self._pattern_kind).shape
-            if shape != layer.weight_shape:
-                raise PatternMismatchError(
-                    f"the patterns of layer '{layer.name}' are shaped {tuple(shape)}, its weight "
-                    f"{tuple(layer.weight_shape)}"
-                )
+            kinds = [self._pattern_kind] + (["negative"] if layer.name in two_sided else [])
+            held = self.patterns[layer.name].kinds
+            for kind in kinds:
+                if kind not in held:
+                    why = (f", whose inactive side passes the signal (a LeakyReLU, or an output that "
+                           "reaches no single ReLU: docs/math.md, section 5)" if kind == "negative" else "")
+                    raise MissingPatternsError(
+                        f"{type(self).__name__} needs the '{kind}' pattern of layer '{layer.name}'{why}, "
+                        f"but the patterns hold only {list(held)}; fit them with "
+                        f"fit_patterns(..., kinds={tuple(dict.fromkeys((*held, *kinds)))})")
+                shape = getattr(self.patterns[layer.name], kind).shape
+                if shape != layer.weight_shape:
+                    raise PatternMismatchError(
+                        f"the patterns of layer '{layer.name}' are shaped {tuple(shape)}, its weight "
+                        f"{tuple(layer.weight_shape)}"
+                    )
 
     @property
     def _pattern_kind(self) -> str:
-        """The pattern the rules use: ``linear`` for S_a, ``positive`` for S_a+- (only
-        active neurons pass the signal, so ``a_-`` is never needed)."""
+        """The pattern of the active side: ``linear`` for S_a, ``positive`` for S_a+-."""
         return "linear" if self.kind == "linear" else "positive"
+
+    @property
+    def _mask(self) -> str:
+        from toolkit.layers import DEFAULT_MASK
+
+        return self.patterns.mask or DEFAULT_MASK
+
+    def _two_sided(self, plan: Plan) -> set[str]:
+        """The layers whose rule uses ``a_+`` on the active and ``a_-`` on the inactive
+        positions: with the two-component estimator, every hidden layer whose inactive side
+        passes the signal (:class:`toolkit.layers.Activity`)."""
+        if self.kind == "linear":
+            return set()
+        return {name for name, a in plan.activities.items() if a.passes_inactive}
+
+    def _own_masks(self, plan: Plan) -> set[str]:
+        found = plan.activities
+        return {name for name in self._two_sided(plan)
+                if found[name].source is None or self._mask == "output"}
 
     def rule_weights(self, plan: Plan, like: Tensor) -> dict[str, Tensor]:
         """The rule weight of every layer, made from its pattern (cast to the dtype and
-        device of ``like``) by :meth:`combine`; kept for the next call on the same dtype
-        and device, since patterns are bound to the model's weights anyway.
+        device of ``like``) by :meth:`combine` -- a pair (active, inactive side) for the
+        layers of :meth:`_two_sided`; kept for the next call on the same dtype and device,
+        since patterns are bound to the model's weights anyway.
 
         With ``never_active="linear"`` the output neurons found by :meth:`never_active_outputs`
         use their linear pattern instead of ``a_+ = 0``."""
         key = (like.dtype, like.device, tuple(plan.names))
         if self._weights_cache is None or self._weights_cache[0] != key:
             dead = self.never_active_outputs(plan)
+            two_sided = self._two_sided(plan)
             weights = {}
             for layer in plan:
-                pattern = getattr(self.patterns[layer.name], self._pattern_kind)
+                patterns = self.patterns[layer.name]
+                pattern = getattr(patterns, self._pattern_kind)
                 if layer is plan.layers[-1] and dead.any() and self.never_active == "linear":
                     pattern = torch.where(dead.reshape(-1, *([1] * (pattern.dim() - 1))),
-                                          self.patterns[layer.name].linear, pattern)
-                weights[layer.name] = self.combine(layer, pattern.to(device=like.device, dtype=like.dtype))
+                                          patterns.linear, pattern)
+                weight = self.combine(layer, pattern.to(device=like.device, dtype=like.dtype))
+                if layer.name in two_sided:
+                    negative = patterns.negative.to(device=like.device, dtype=like.dtype)
+                    weight = (weight, self.combine(layer, negative))
+                weights[layer.name] = weight
             self._weights_cache = (key, weights)
         return self._weights_cache[1]
 
@@ -841,12 +727,16 @@ class _PatternExplainer(Explainer):
 class PatternNet(_PatternExplainer):
     """PatternNet: the signal ``S(x)`` of the input that the selected output detects.
 
-    Rules: ``A^T`` through every Conv2d/Linear layer (``A`` = the layer's pattern), the
-    forward mask at each ReLU. With ``kind="two_component"`` (default) ``A = a_+``, the
-    pattern of the active neurons: the signal of inactive neurons is stopped by the
-    forward mask anyway, so ``a_-`` is never needed (as in the authors' code; this holds
-    for the output layer too, whatever the sign of the logit). ``kind="linear"`` uses
-    the pattern ``a`` of the linear estimator ``S_a``.
+    Rules: ``A^T`` through every neuron layer (``A`` = the layer's pattern), the forward
+    derivative at each activation. With ``kind="two_component"`` (default) ``A = a_+``,
+    the pattern of the active neurons, where a ReLU or ReLU6 stops the signal of the
+    inactive ones (as in the authors' code; this holds for the output layer too,
+    whatever the sign of the logit). A layer whose inactive side passes the signal -- a
+    LeakyReLU, or an output that reaches no single activation, such as a linear
+    bottleneck -- sends each position back with the pattern of its side,
+    ``A_+^T (r m) + A_-^T (r (1 - m))`` with the activity mask ``m`` (docs/math.md,
+    section 6.2), and needs the negative patterns. ``kind="linear"`` uses the pattern
+    ``a`` of the linear estimator ``S_a`` everywhere.
 
     Scaling: with ``start="logit"`` (default, the authors' choice) the pass starts from
     the logit's value ``y``. For one linear neuron ``y = w^T x`` this gives exactly the
@@ -885,8 +775,9 @@ class PatternNet(_PatternExplainer):
 class PatternAttribution(_PatternExplainer):
     """PatternAttribution: how much each input dimension contributes to the output.
 
-    Rules: ``(W * A)^T`` through every Conv2d/Linear layer (elementwise product of
-    weight and pattern), the forward mask at each ReLU. This is deep Taylor
+    Rules: ``(W * A)^T`` through every neuron layer (elementwise product of weight and
+    pattern; on the inactive side of a layer that passes it, ``W * a_-``, as for
+    :class:`PatternNet`), the forward derivative at each activation. This is deep Taylor
     decomposition with the root point ``x0 = x - S_a+(x)``: the part of the input the
     pattern does not explain is the reference, so the relevance per layer is
     ``r^{l-1} = (w * a_+) r^l``. ``kind`` picks ``a_+`` (default) or the linear ``a``,
@@ -924,7 +815,8 @@ class LRPZ(Explainer):
 
         R_i = sum_j  x_i w_ij / z_j  R_j
 
-    For networks of Conv2d/Linear layers, ReLUs, max and average pooling this is exactly
+    For networks of neuron layers, ReLU-family activations, max and average pooling,
+    concatenations and additions this is exactly
     *input times gradient*, applied once at the input. Let ``g`` be the gradient of the
     selected logit (seeded as below) and suppose the relevance at a layer's output is
     ``R_j = z_j g_j``. Then
@@ -933,7 +825,9 @@ class LRPZ(Explainer):
 
     because ``sum_j w_ij g_j`` is the gradient at the layer input. A ReLU passes the
     relevance unchanged and so keeps the form: where it is active ``a = z`` and the
-    gradient passes, where it is not ``a = 0`` and both sides are 0. Max pooling gives
+    gradient passes, where it is not ``a = 0`` and both sides are 0 (a LeakyReLU's
+    ``a = alpha z`` has the gradient ``alpha g``: ``a g`` keeps the form; a saturated
+    ReLU6's constant output takes no relevance down, like a bias). Max pooling gives
     all relevance to the winner, whose value and gradient are those of the output; average
     pooling is a linear layer with weights ``1/k``. At the top, ``R = logit * 1`` starts
     the induction. So at every layer ``R = a * g``, in particular at the input.

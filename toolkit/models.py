@@ -1,5 +1,5 @@
-"""Small CNNs (VGG-style, residual, and VGG16's layout with few channels), their training,
-and the shipped Fashion-MNIST weights.
+"""Small CNNs (VGG-style, residual, VGG16's layout with few channels, a 1-D CNN for
+multichannel recordings), their training, and the shipped Fashion-MNIST weights.
 
 The network is deliberately tiny -- four 3x3 convolutions and two dense layers
 -- so that fitting patterns and computing explanations take seconds on a
@@ -11,6 +11,12 @@ understands: ``Conv2d``, ``Linear``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``,
 channels; :func:`stand_in_model` gives it random features and a read-out fitted in closed
 form, the stand-in for the pretrained VGG16 that notebook 04 runs on when the weights or
 ImageNet are missing.
+
+:class:`TimeSeriesCNN` is the 1-D CNN of the time-series notebook, written with Conv1d or,
+equivalently, with Conv2d kernels ``(1, k)`` (:meth:`TimeSeriesCNN.twin` converts). The
+Inception-, DenseNet- and MobileNetV2-like networks are in :mod:`toolkit.architectures`;
+:data:`FASHION_MODELS` lists every network with shipped Fashion-MNIST weights and
+:func:`load_fashion_model` reads them.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import SmallDenseNet, SmallInception, SmallMobileNetV2
 from .data import data_dir
 from .imagenet import PHOTOGRAPHS
 
@@ -30,6 +37,10 @@ __all__ = [
     "SmallVGG",
     "SmallResNet",
     "MiniVGG16",
+    "TimeSeriesCNN",
+    "SmallInception",
+    "SmallDenseNet",
+    "SmallMobileNetV2",
     "train",
     "stand_in_model",
     "accuracy",
@@ -38,14 +49,25 @@ __all__ = [
     "load_saved_model",
     "load_fashion_cnn",
     "load_fashion_resnet",
+    "load_fashion_model",
     "FASHION_CNN_FILE",
     "FASHION_RESNET_FILE",
+    "FASHION_MODELS",
 ]
 
 #: File name of the shipped Fashion-MNIST weights inside the data directory.
 FASHION_CNN_FILE = "fashion_cnn.safetensors"
 #: File name of the shipped Fashion-MNIST :class:`SmallResNet` weights.
 FASHION_RESNET_FILE = "fashion_resnet.safetensors"
+#: Every network with shipped Fashion-MNIST weights: name -> (weights file in the data
+#: directory, the script that trains it). :func:`load_fashion_model` reads them.
+FASHION_MODELS = {
+    "cnn": (FASHION_CNN_FILE, "scripts/train_fashion_cnn.py"),
+    "resnet": (FASHION_RESNET_FILE, "scripts/train_fashion_resnet.py"),
+    "inception": ("fashion_inception.safetensors", "scripts/train_fashion_family.py inception"),
+    "densenet": ("fashion_densenet.safetensors", "scripts/train_fashion_family.py densenet"),
+    "mobilenet": ("fashion_mobilenet.safetensors", "scripts/train_fashion_family.py mobilenet"),
+}
 
 
 class SmallVGG(nn.Sequential):
@@ -212,8 +234,94 @@ class MiniVGG16(nn.Module):
         return self.classifier[:5](torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class TimeSeriesCNN(nn.Sequential):
+    """A small 1-D CNN for multichannel recordings: convolutions over time, the recording's
+    channels as input channels.
+
+    Layout (``w = width``, ``k = kernel``, ``p = pool``, ``T = times``)::
+
+        features:   conv(channels -> w, k) relu maxpool p
+                    conv(w -> 2w, k)       relu maxpool p
+        classifier: flatten linear(2w * T / p^2 -> hidden) relu linear(hidden -> num_classes)
+
+    The convolutions pad ``k // 2`` on both sides, so only the poolings shorten the time
+    axis. With ``dims=1`` the layers are ``Conv1d`` and ``MaxPool1d`` on inputs
+    ``(N, channels, times)``; with ``dims=2`` the same network is written with ``Conv2d``
+    kernels ``(1, k)`` and ``MaxPool2d`` windows ``(1, p)`` on inputs
+    ``(N, channels, 1, times)``. The two compute the same function; :meth:`twin` turns one
+    into the other with the weights copied, and :meth:`inputs` reshapes recordings for
+    either. Layer names (``features.0``, ...) are the same in both.
+
+    Parameters
+    ----------
+    channels : int, default 16
+    times : int, default 128
+        Must be divisible by ``pool ** 2``.
+    num_classes : int, default 2
+    width : int, default 8
+    kernel : int, default 9
+        Odd, so that the padding keeps the length.
+    pool : int, default 4
+    hidden : int, default 32
+    dims : {1, 2}
+    """
+
+    def __init__(self, channels: int = 16, times: int = 128, num_classes: int = 2, width: int = 8,
+                 kernel: int = 9, pool: int = 4, hidden: int = 32, dims: int = 1):
+        if dims not in (1, 2):
+            raise ValueError(f"dims must be 1 (Conv1d) or 2 (Conv2d with (1, k) kernels), not {dims!r}")
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd, so that the padding keeps the length; got {kernel}")
+        if times % pool ** 2:
+            raise ValueError(f"times must be divisible by pool ** 2 = {pool ** 2}, not {times}")
+        if dims == 1:
+            def conv(i, o):
+                return nn.Conv1d(i, o, kernel, padding=kernel // 2)
+            pooling = nn.MaxPool1d(pool)
+        else:
+            def conv(i, o):
+                return nn.Conv2d(i, o, (1, kernel), padding=(0, kernel // 2))
+            pooling = nn.MaxPool2d((1, pool))
+        w = width
+        features = nn.Sequential(conv(channels, w), nn.ReLU(), pooling,
+                                 conv(w, 2 * w), nn.ReLU(), pooling)
+        classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * (times // pool ** 2), hidden), nn.ReLU(),
+                                   nn.Linear(hidden, num_classes))
+        super().__init__(OrderedDict(features=features, classifier=classifier))
+        self.config = dict(channels=channels, times=times, num_classes=num_classes, width=width,
+                           kernel=kernel, pool=pool, hidden=hidden, dims=dims)
+
+    def inputs(self, recordings) -> torch.Tensor:
+        """Recordings ``(N, channels, times)`` or ``(N, channels, 1, times)`` (an array or a
+        tensor) as this network's input, in its dtype: ``(N, channels, times)`` for
+        ``dims=1``, ``(N, channels, 1, times)`` for ``dims=2``."""
+        x = torch.as_tensor(recordings, dtype=self.features[0].weight.dtype)
+        channels, times = self.config["channels"], self.config["times"]
+        if x.dim() not in (3, 4) or x.shape[1] != channels or x.shape[-1] != times or x[0, 0].numel() != times:
+            raise ValueError(f"recordings must be shaped (N, {channels}, {times}) or (N, {channels}, 1, "
+                             f"{times}); got {tuple(x.shape)}")
+        layout = (channels, times) if self.config["dims"] == 1 else (channels, 1, times)
+        return x.reshape(len(x), *layout)
+
+    def twin(self) -> "TimeSeriesCNN":
+        """The same network written with the other convolution (Conv1d <-> Conv2d with
+        ``(1, k)`` kernels), with the weights copied; in the dtype, on the device and in the
+        mode (train/eval) of this one."""
+        weight = self.features[0].weight
+        other = TimeSeriesCNN(**(self.config | {"dims": 3 - self.config["dims"]}))
+        other = other.to(device=weight.device, dtype=weight.dtype)
+        target = other.state_dict()
+        other.load_state_dict({name: value.detach().reshape(target[name].shape).clone()
+                               for name, value in self.state_dict().items()})
+        return other.train(self.training)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
 #: The architectures :func:`load_saved_model` rebuilds, by the name :func:`save_model` stores.
-ARCHITECTURES = {"SmallVGG": SmallVGG, "SmallResNet": SmallResNet}
+ARCHITECTURES = {cls.__name__: cls for cls in (SmallVGG, SmallResNet, SmallInception, SmallDenseNet,
+                                               SmallMobileNetV2, TimeSeriesCNN)}
 
 
 # ---------------------------------------------------------------------------
@@ -543,14 +651,7 @@ def load_fashion_resnet(path=None) -> SmallResNet:
     SmallResNet
         In eval mode.
     """
-    path = Path(path) if path is not None else data_dir() / FASHION_RESNET_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Fashion-MNIST ResNet weights not found at {path}. Rebuild them with "
-            "'python scripts/train_fashion_resnet.py', or point the environment variable "
-            f"TOOLKIT_DATA at a folder holding {FASHION_RESNET_FILE}."
-        )
-    return _with_metadata(path)
+    return load_fashion_model("resnet", path)
 
 
 def _with_metadata(path: Path) -> nn.Module:
@@ -558,3 +659,38 @@ def _with_metadata(path: Path) -> nn.Module:
     model, metadata = load_saved_model(path)
     model.metadata = metadata
     return model
+
+
+def load_fashion_model(name: str, path=None) -> nn.Module:
+    """A network of :data:`FASHION_MODELS` with its shipped Fashion-MNIST weights.
+
+    ``"cnn"`` is :func:`load_fashion_cnn` (trained on all 60,000 training images), the
+    others were trained on the 6,000 images of the shipped subset
+    (:func:`toolkit.data.load_fashion_mnist`, inputs scaled to ``[0, 1]``) by the script
+    :data:`FASHION_MODELS` names. The accuracy on the subset's 1,000 test images and the
+    training settings are in ``model.metadata``.
+
+    Parameters
+    ----------
+    name : {"cnn", "resnet", "inception", "densenet", "mobilenet"}
+    path : str or os.PathLike, optional
+        Defaults to the model's file in :func:`toolkit.data.data_dir`.
+
+    Returns
+    -------
+    nn.Module
+        In eval mode.
+    """
+    if name not in FASHION_MODELS:
+        raise ValueError(f"unknown Fashion-MNIST model {name!r}; choose from {tuple(FASHION_MODELS)}")
+    if name == "cnn":
+        return load_fashion_cnn(path)
+    file, script = FASHION_MODELS[name]
+    path = Path(path) if path is not None else data_dir() / file
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST {name} weights not found at {path}. Rebuild them with "
+            f"'python {script}', or point the environment variable TOOLKIT_DATA at a folder "
+            f"holding {file}."
+        )
+    return _with_metadata(path)

@@ -198,14 +198,15 @@ def write_patterns(path: str | os.PathLike, contents: PatternFile) -> None:
     write(path, tensors, metadata)
 
 
-def read_patterns(path: Path, kinds: Sequence[str], statistics_shapes: Callable[[tuple, list], dict]
-                  ) -> PatternFile:
+def read_patterns(path: Path, kinds: Sequence[str],
+                  statistics_shapes: Callable[[tuple, list, list, int], dict]) -> PatternFile:
     """Read and check a patterns file of any readable version.
 
     ``kinds`` are the pattern kinds a layer may hold (:data:`toolkit.patterns.KINDS`;
     all of them where a file of version 1 does not say), ``statistics_shapes(weight_shape,
-    kinds)`` the statistics a layer must hold and their shapes
-    (:meth:`toolkit.patterns.Statistics.shapes`). Every tensor is checked: patterns
+    kinds, stored, groups)`` the statistics a layer must hold and their shapes, given the
+    keys it stores and the rows of its input sums ``x.ones``, one per group of input
+    channels (:meth:`toolkit.patterns.Statistics.stored_shapes`). Every tensor is checked: patterns
     float32 or float64, all kinds of a layer of one shape; counts and statistics float64
     of their shapes; all finite, counts not negative; and no tensor that no layer of the
     metadata claims. ``mean_y`` is read as it is (its values are the caller's concept).
@@ -256,7 +257,7 @@ class _LayerReader:
         name, path = self.name, self.path
         first = self.take(f"{name}/{kinds[0]}", dtypes=PATTERN_DTYPES)
         shape = tuple(first.shape)
-        if len(shape) < 2:
+        if len(shape) < 1:
             raise PatternFileError(f"{path}: the tensor '{name}/{kinds[0]}' has shape {shape}, "
                                    "not the shape of a layer's weight")
         patterns = {k: self.take(f"{name}/{k}", dtypes=PATTERN_DTYPES, shape=shape) for k in kinds}
@@ -270,7 +271,9 @@ class _LayerReader:
             warnings.warn(f"{path} was written by an older version: its patterns and sample counts are "
                           "read, its statistics (in an older layout) are left out", UserWarning)
         elif stored:
-            expected = statistics_shapes(shape, kinds)
+            ones = self.tensors.get(prefix + "x.ones")
+            groups = ones.shape[0] if ones is not None and ones.dim() > 0 else 1
+            expected = statistics_shapes(shape, kinds, stored, groups)
             extra = [key for key in stored if key not in expected]
             if extra:
                 raise PatternFileError(f"{path}: the tensor '{prefix}{extra[0]}' is not a statistic of "

@@ -8,8 +8,9 @@ convolution: every receptive-field patch), its output is ``y = w^T x`` without t
 bias, and it is active where the layer output with the bias is positive.
 
 Sums do not depend on how the data is cut into batches, can be checkpointed and resumed,
-and add up across processes (``torch.distributed``). ``mean_y="global"`` (default, the
-authors' code) or ``"masked"`` (the seminar text) chooses the mean of ``y`` in the
+and add up across processes (``torch.distributed``). ``mean_y="masked"`` (default: the
+mean over the component's own samples, the seminar text) or ``"global"`` (the mean over
+all samples, the paper's formula and the authors' code) chooses the mean of ``y`` in the
 two-component patterns. No pattern is ever NaN: never-active neurons and zero
 denominators have defined fallbacks, counted by :meth:`Patterns.report`.
 
@@ -38,7 +39,9 @@ from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.fingerprint import fingerprint
-from toolkit.layers import Layer, Plan
+from toolkit.layers import Layer, Plan, per_neuron
+from toolkit.layers.adapters import adapter_for
+from toolkit.linear import DEFAULT_MEAN_Y, MEAN_Y_CONVENTIONS
 from toolkit.memory import release_freed_memory
 from toolkit.pattern_files import (PATTERN_DTYPES, LayerRecord, PatternFile, PatternFileError, read_patterns,
                                    write_patterns)
@@ -58,8 +61,6 @@ __all__ = [
     "fingerprint",
     "estimate_patterns",
 ]
-
-MEAN_Y_CONVENTIONS = ("global", "masked")
 
 
 # ----------------------------------------------------------------------------------
@@ -97,9 +98,12 @@ class Statistics:
     """Running float64 sums of one layer; everything its patterns are computed from.
 
     The inputs are *shifted* by a reference ``shift_x`` (per input channel: the mean of
-    the first batch) and the outputs ``y = w^T x`` by ``shift_y`` (per neuron), so every
-    sum is of quantities near zero: no ``E[x y] - E[x] E[y]`` ever cancels, and the
-    per-batch products can run in float32 (docs/math.md, section 3.2). For a convolution
+    the first batch) and the outputs ``y = w^T x`` by a reference per neuron and side
+    (``shift_y`` over all samples, ``shift_y.y_pos`` over the active and ``shift_y.y_neg``
+    over the inactive ones: the first batch's means), so every sum is of quantities near
+    zero: no ``E[x y] - E[x] E[y]`` ever cancels, whether ``E[y]`` is taken over all samples
+    or over a side, and the per-batch products can run in float32 (docs/math.md,
+    section 3.2). For a convolution
     the zero padding makes the shifted patch differ from the shifted input's patch; the
     *cover* sums (the same products with an all-ones image) give the exact correction.
 
@@ -109,25 +113,36 @@ class Statistics:
     :func:`output_groups` and neuron: ``3 J`` for all three patterns, ``2 J`` for the
     positive one alone (the ``ones`` group, the plain input sums, needs no product).
 
-    Stored tensors (``W`` the weight shape, ``J = W[0]``, ``R`` a group's rows: 1 for
-    ``ones``, ``J`` otherwise)::
+    A layer whose neurons read groups of its input channels (a grouped or depthwise
+    convolution, a standalone BatchNorm: :mod:`toolkit.layers.adapters`) keeps the sums
+    of the input side (``shift_x``, ``x.ones``) once per group; the buffer of one batch
+    is laid out group by group, so that the grouped weight-gradient product reads each
+    group's channels.
+
+    Stored tensors (``W`` the weight shape, ``J = W[0]``, ``G`` the groups, ``R`` a
+    group's rows: ``G`` for ``ones``, ``J`` otherwise)::
 
         n             ()              samples seen (images x output positions)
-        shift_x       (1, C, 1, 1) or (1, D)
-        shift_y       (J,)
+        shift_x       (G, *W[1:])     per input channel, kernel positions broadcast
+        shift_y       (J,)            and shift_y.y_pos, shift_y.y_neg (J,) of the two sides
         sum_y         (J,)            sum of y - shift_y over all samples
-        x.<group>     (R, *W[1:])     sum of group value x (x - shift_x), patch by patch
-        cover.<group> (R, 1, kh, kw) or (R, 1): the same with an all-ones input
-        total.<group> (R,)            sum of the group value
+        x.<group>     (R, *W[1:])     sum of group value x (x - shift_x), patch by patch;
+                                      the value of y_pos is (y - shift_y.y_pos) on the
+                                      active samples, 0 elsewhere, and so on
+        cover.<group> (1 or J, 1, *kernel), (1 or J, 1) or (1 or J,): the same with an
+                                      all-ones input
+        total.<group> (1 or J,)       sum of the group value
     """
 
     def __init__(self, layer: Layer, kinds: Sequence[str] = KINDS, dtype=None,
-                 gather_rows: int = 1024):
+                 gather_rows: int = 1024, mean_y: str = DEFAULT_MEAN_Y):
         self.kinds = tuple(k for k in KINDS if k in kinds)
+        self.mean_y = mean_y
         self.groups = output_groups(self.kinds)
         self.dtype = dtype
         self.gather_rows = gather_rows
         self.weight_shape = tuple(layer.weight_shape)
+        self.input_groups = layer.groups
         self.tensors_: dict[str, Tensor] = {}
         self._rows: list[tuple[Tensor, Tensor]] = []
 
@@ -149,23 +164,44 @@ class Statistics:
     def from_tensors(cls, tensors: dict[str, Tensor], kinds: Sequence[str] = KINDS) -> "Statistics":
         """Statistics from the tensors of :meth:`tensors` (a file, a checkpoint)."""
         stats = cls.__new__(cls)
+        stats.mean_y = "masked" if "shift_y.y_pos" in tensors else "global"
         stats.kinds = tuple(k for k in KINDS if k in kinds)
         stats.groups, stats.dtype, stats.gather_rows = output_groups(stats.kinds), None, 1024
         stats.weight_shape = (tensors["sum_y"].shape[0], *tensors["x.ones"].shape[1:])
+        stats.input_groups = tensors["x.ones"].shape[0]
         stats.tensors_, stats._rows = dict(tensors), []
         return stats
 
     @staticmethod
-    def shapes(weight_shape: Sequence[int], kinds: Sequence[str] = KINDS) -> dict[str, tuple[int, ...]]:
+    def shapes(weight_shape: Sequence[int], kinds: Sequence[str] = KINDS, groups: int = 1,
+               side_shifts: bool = False) -> dict[str, tuple[int, ...]]:
         """The stored tensors (the table above) and their shapes, for a layer of weight
-        shape ``weight_shape`` fitted for ``kinds``: what a file's statistics must hold."""
+        shape ``weight_shape`` whose neurons read ``groups`` groups of input channels,
+        fitted for ``kinds``, with the shifts of each side of ``y`` (a fit with
+        ``mean_y="masked"``) or without: what a file's statistics must hold."""
         j, rest = weight_shape[0], tuple(weight_shape[1:])
-        shapes = {"n": (), "shift_x": (1, rest[0], *[1] * (len(rest) - 1)), "shift_y": (j,), "sum_y": (j,)}
-        for group in output_groups(tuple(k for k in KINDS if k in kinds)):
-            rows = 1 if group == "ones" else j
-            shapes.update({f"x.{group}": (rows, *rest), f"cover.{group}": (rows, 1, *rest[1:]),
-                           f"total.{group}": (rows,)})
+        fitted = output_groups(tuple(k for k in KINDS if k in kinds))
+        cover = (1, *rest[1:]) if rest else ()
+        shapes = {"n": (), "shift_x": (groups, *rest[:1], *[1] * (len(rest) - 1)), "shift_y": (j,),
+                  "sum_y": (j,)}
+        if side_shifts and "active" in fitted:
+            shapes.update({"shift_y.y_pos": (j,), "shift_y.y_neg": (j,)})
+        for group in fitted:
+            shapes.update({f"x.{group}": (groups if group == "ones" else j, *rest),
+                           f"cover.{group}": (1 if group == "ones" else j, *cover),
+                           f"total.{group}": (1 if group == "ones" else j,)})
         return shapes
+
+    @staticmethod
+    def stored_shapes(weight_shape: Sequence[int], kinds: Sequence[str], stored: Sequence[str],
+                      groups: int = 1) -> dict[str, tuple[int, ...]]:
+        """:meth:`shapes` for the statistics of a file: with the side shifts if it holds
+        either of them, and ``groups`` read from its input sums (1 where they do not
+        give a divisor of the neurons: the checks then name the wrong tensor)."""
+        j = weight_shape[0]
+        groups = groups if groups > 0 and j % groups == 0 else 1
+        return Statistics.shapes(weight_shape, kinds, groups,
+                                 any(key.startswith("shift_y.") for key in stored))
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors_[key]
@@ -184,20 +220,29 @@ class Statistics:
 
     def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x``, layer output ``z`` (bias included) and the
-        activity mask ``active`` (bool, shaped like ``z``; None: ``z > 0``; a residual
-        network's layers may take it from the ReLU after an addition, see
-        :mod:`toolkit.residual`)."""
+        activity mask ``active`` (bool, shaped like ``z``; None: ``z > 0``; a layer may
+        take it from the activation after an addition or a concatenation, see
+        :mod:`toolkit.layers.activity`)."""
         dtype = _product_dtype(self.dtype, x)
         x, z = x.detach(), z.detach()
         if not self.tensors_:
-            self._start(layer, x, z, dtype)
+            self._start(layer, x, z, dtype, active)
+        elif "shift_y.y_pos" in self.tensors_:
+            self._anchor_sides(layer, z, active, dtype)
         t = self.tensors_
-        x_shifted = x.to(dtype) - t["shift_x"].to(dtype)
-        offset = (layer.bias().double() + t["shift_y"]).to(dtype)
+        x_shifted = x.to(dtype) - layer.ops.along_channels(t["shift_x"].to(dtype), x)
+        bias = layer.bias().double()
+        offsets = {stat: (bias + self._shift(stat)).to(dtype) for stat in ("y_all", "y_pos", "y_neg")}
         with _tf32(self.dtype == "tf32"):
-            sum_y = self._add(layer.ops, x_shifted, z.to(dtype), offset, active)
+            sum_y = self._add(layer.ops, x_shifted, z.to(dtype), offsets, active)
         t["n"] += z.numel() // z.shape[layer.ops.neuron_dim]
         t["sum_y"] += sum_y
+
+    def _shift(self, group: str) -> Tensor:
+        """The shift of ``y`` a group's values use (files of an older version kept one
+        ``shift_y`` for every group)."""
+        t = self.tensors_
+        return t.get(f"shift_y.{group}", t["shift_y"]) if group != "y_all" else t["shift_y"]
 
     def flush(self) -> None:
         """Add the gathered rows of a Linear layer to the sums: one matrix product per
@@ -208,15 +253,16 @@ class Statistics:
         gs = torch.cat([r[1] for r in self._rows])
         self._rows = []
         with _tf32(self.dtype == "tf32"):
-            for group, part in self._buffer_slices().items():
-                self._accumulate(f"x.{group}", gs[:, part].T @ xs)
+            for group, sums in self._split(gs.T @ xs).items():
+                self._accumulate(f"x.{group}", sums)
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
         every rank's sums to rank 0's shifts (exactly)."""
         self.flush()
         t = self.tensors_
-        self.reshift(broadcast_from_rank_0(t["shift_x"].clone()), broadcast_from_rank_0(t["shift_y"].clone()))
+        shifts = {k: broadcast_from_rank_0(v.clone()) for k, v in t.items() if k.startswith("shift_y")}
+        self.reshift(broadcast_from_rank_0(t["shift_x"].clone()), shifts)
         sum_over_ranks(v for k, v in self.tensors_.items() if not k.startswith("shift"))
 
     def to(self, device) -> "Statistics":
@@ -224,94 +270,135 @@ class Statistics:
         return Statistics.from_tensors({k: v.to(device) for k, v in self.tensors_.items()}, self.kinds)
 
     # -- the sums of one batch -----------------------------------------------------
-    def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype) -> None:
+    def _start(self, layer: Layer, x: Tensor, z: Tensor, dtype, active: Tensor | None) -> None:
         """Empty sums; the shifts are the first batch's means, rounded to the products'
         dtype so that the shifted values and the exact corrections use the same ones.
         The sums of the groups are made by the first batch (:meth:`_accumulate`)."""
         kw = dict(dtype=torch.float64, device=z.device)
-        offset = layer.ops.neuron_means(z).to(dtype).double()   # b + shift_y, exactly representable
+        bias = layer.bias().double()
+        mean = layer.ops.neuron_means(z).to(dtype).double()     # b + shift_y, exactly representable
         self.tensors_ = {"n": torch.zeros((), **kw),
                          "shift_x": layer.ops.input_shift(x).to(dtype).double(),
-                         "shift_y": offset - layer.bias().double(),
+                         "shift_y": mean - bias,
                          "sum_y": torch.zeros(self.weight_shape[0], **kw)}
+        if "active" in self.groups and self.mean_y == "masked":
+            for stat in ("y_pos", "y_neg"):
+                self.tensors_[f"shift_y.{stat}"] = mean - bias
+            self._anchor_sides(layer, z, active, dtype, torch.ones_like(mean, dtype=torch.bool))
 
-    def _fill(self, g: Tensor, z: Tensor, offset: Tensor, channel: int, active: Tensor | None
-              ) -> Tensor | None:
+    def _anchor_sides(self, layer: Layer, z: Tensor, active: Tensor | None, dtype,
+                      empty: Tensor | None = None) -> None:
+        """Move the shift of each side of ``y`` to this batch's mean over that side, for
+        the neurons whose side has had no sample yet (their sums are all 0, so this is
+        exact): a rare side is then summed around its own values, not around the other
+        side's, and its covariance about its own mean (``mean_y="masked"``) does not cancel
+        in float32. (For ``mean_y="global"`` every side is shifted by ``shift_y``, near the
+        mean over all samples that convention subtracts.)"""
+        t = self.tensors_
+        counts = {"y_pos": t.get("total.active"), "y_neg": None}
+        if counts["y_pos"] is not None:
+            counts["y_neg"] = t["n"] - counts["y_pos"]
+        on = layer.ops.neuron_values(active if active is not None else z > 0)
+        values, bias = None, layer.bias().double()
+        for stat, side in (("y_pos", on), ("y_neg", ~on)):
+            missing = empty if empty is not None else counts[stat] == 0
+            if not bool(missing.any()):
+                continue
+            count = side.sum(0)
+            moved = missing & (count > 0)
+            if not bool(moved.any()):
+                continue
+            values = layer.ops.neuron_values(z).double() if values is None else values
+            side_mean = ((values * side).sum(0) / count.clamp(min=1)).to(dtype).double()
+            t[f"shift_y.{stat}"] = torch.where(moved, side_mean - bias, t[f"shift_y.{stat}"])
+
+    def _fill(self, g: Tensor, z: Tensor, offsets: dict[str, Tensor], channel: int, groups: int,
+              active: Tensor | None) -> Tensor | None:
         """Write the groups' values into ``g`` (``channel`` is the dimension of the
-        neurons) with few passes: the mask, then ``y - shift_y`` and its two sides.
-        Returns the sums of ``y - shift_y`` over the samples where no group holds them
-        (a fit of one side only), else None."""
-        parts = {group: g.narrow(channel, part.start, part.stop - part.start)
-                 for group, part in self._buffer_slices().items()}
+        neurons, laid out group by group) with few passes: the mask, then ``y`` minus each
+        side's shift on that side. Returns, for a fit of one side only, the sum of that
+        side's shifted ``y`` over all samples (for the sum of ``y``), else None."""
+        stats = self._stats()
+        per_group = self.weight_shape[0] // groups
+        buffer = g.unflatten(channel, (groups, len(stats), per_group))
+        parts = {stat: buffer.select(channel + 1, i) for i, stat in enumerate(stats)}
+        z = z.unflatten(channel, (groups, per_group))
         shape = [1] * z.dim()
-        shape[channel] = self.weight_shape[0]
-        offset = offset.reshape(shape)
-        samples = tuple(d for d in range(z.dim()) if d != channel)
+        shape[channel:channel + 2] = groups, per_group
+        offsets = {stat: offset.reshape(shape) for stat, offset in offsets.items()}
+        samples = tuple(d for d in range(z.dim()) if d not in (channel, channel + 1))
         if "y_all" in parts:
-            torch.sub(z, offset, out=parts["y_all"])
+            torch.sub(z, offsets["y_all"], out=parts["y_all"])
             return None
         if active is None:
             torch.gt(z, 0, out=parts["active"])
         else:
-            parts["active"].copy_(active)
-        y_pos, y_neg = parts.get("y_pos"), parts.get("y_neg")
-        if y_pos is not None and y_neg is not None:
-            torch.sub(z, offset, out=y_neg)
-            torch.mul(y_neg, parts["active"], out=y_pos)
-            y_neg.sub_(y_pos)
-            return None
-        side = y_pos if y_pos is not None else y_neg
-        torch.sub(z, offset, out=side)
-        total = side.sum(samples).double()
-        if y_pos is not None:
-            side.mul_(parts["active"])
-        else:
-            side.sub_(side * parts["active"])
-        return total
+            parts["active"].copy_(active.unflatten(channel, (groups, per_group)))
+        direct = None
+        for stat in ("y_pos", "y_neg"):
+            side = parts.get(stat)
+            if side is None:
+                continue
+            torch.sub(z, offsets[stat], out=side)
+            if ("y_pos" in parts) != ("y_neg" in parts):   # one side only: its shifted y over all
+                direct = side.sum(samples).double().reshape(-1)
+            if stat == "y_pos":
+                side.mul_(parts["active"])
+            else:
+                side.sub_(side * parts["active"])
+        return direct
 
-    def _sum_y(self, totals: Tensor, direct: Tensor | None) -> Tensor:
-        """The batch's sum of ``y - shift_y`` per neuron, from the groups' totals."""
+    def _sum_y(self, totals: dict[str, Tensor], direct: Tensor | None, samples: int) -> Tensor:
+        """The batch's sum of ``y - shift_y`` per neuron, exactly, from the groups' totals
+        (each side's values are shifted by its own reference)."""
+        if "y_all" in totals:
+            return totals["y_all"]
+        shift = self.tensors_["shift_y"]
         if direct is not None:
-            return direct
-        part = self._buffer_slices()
-        if "y_all" in part:
-            return totals[part["y_all"]]
-        return totals[part["y_pos"]] + totals[part["y_neg"]]
+            stat = "y_pos" if "y_pos" in totals else "y_neg"
+            return direct + samples * (self._shift(stat) - shift)
+        counts = {"y_pos": totals["active"], "y_neg": samples - totals["active"]}
+        return sum(totals[stat] + counts[stat] * (self._shift(stat) - shift) for stat in ("y_pos", "y_neg"))
 
-    def _buffer_slices(self) -> dict[str, slice]:
-        """Where each group's ``J`` rows lie in the buffer of one batch (every group but
-        ``ones``, whose sums need no buffer)."""
-        groups = [group for group in self.groups if group != "ones"]
-        J = self.weight_shape[0]
-        return {group: slice(i * J, (i + 1) * J) for i, group in enumerate(groups)}
+    def _stats(self) -> list[str]:
+        """The groups the buffer of one batch holds (every group but ``ones``, whose sums
+        need no buffer), in the buffer's order within each input group."""
+        return [group for group in self.groups if group != "ones"]
 
-    def _add(self, ops, x: Tensor, z: Tensor, offset: Tensor, active: Tensor | None) -> Tensor:
+    def _split(self, t: Tensor) -> dict[str, Tensor]:
+        """A tensor with one row per buffer channel as one ``J``-row tensor per group of
+        :meth:`_stats`, neurons in their order."""
+        stats, rows, groups = self._stats(), self.weight_shape[0], self.input_groups
+        blocks = t.reshape(groups, len(stats), rows // groups, *t.shape[1:])
+        return {stat: blocks[:, i].reshape(rows, *t.shape[1:]) for i, stat in enumerate(stats)}
+
+    def _add(self, ops, x: Tensor, z: Tensor, offsets: dict[str, Tensor], active: Tensor | None) -> Tensor:
         """Add one batch's sums: the plain input sums (group ``ones``), the other groups'
         values ``g`` (one buffer), their patch sums with the shifted input (gathered
         first where the layer type wants it), their cover sums and totals. Returns the
         batch's sum of ``y - shift_y``."""
         channel = ops.neuron_dim % z.dim()
         shape = list(z.shape)
-        shape[channel] = sum(part.stop - part.start for part in self._buffer_slices().values())
+        shape[channel] = len(self._stats()) * self.weight_shape[0]
         g = torch.empty(shape, dtype=z.dtype, device=z.device)
-        direct = self._fill(g, z, offset, channel, active)
+        direct = self._fill(g, z, offsets, channel, ops.groups, active)
         self._add_input_sums(ops, x, z, channel)
         per_position = g.sum(0, keepdim=True)
-        totals = ops.neuron_values(per_position).sum(0).double()  # counts exact below 2**24
-        cover = ops.cover_sums(x.shape, per_position).double()
+        totals = self._split(ops.neuron_values(per_position).sum(0).double())  # counts exact below 2**24
+        cover = self._split(ops.cover_sums(x.shape, per_position).double())
         sums = None
         if ops.gathers_rows:
             self._rows.append((ops.patches(x), ops.neuron_values(g)))
             if sum(r[0].shape[0] for r in self._rows) >= self.gather_rows:
                 self.flush()
         else:
-            sums = ops.patch_sums(x, g)
-        for group, part in self._buffer_slices().items():
+            sums = self._split(ops.patch_sums(x, g))
+        for group in self._stats():
             if sums is not None:
-                self._accumulate(f"x.{group}", sums[part])
-            self._accumulate(f"cover.{group}", cover[part])
-            self._accumulate(f"total.{group}", totals[part])
-        return self._sum_y(totals, direct)
+                self._accumulate(f"x.{group}", sums[group])
+            self._accumulate(f"cover.{group}", cover[group])
+            self._accumulate(f"total.{group}", totals[group])
+        return self._sum_y(totals, direct, z.numel() // z.shape[channel])
 
     def _add_input_sums(self, ops, x: Tensor, z: Tensor, channel: int) -> None:
         """The group ``ones``: the plain sums of the shifted patches, their cover sums and
@@ -332,61 +419,71 @@ class Statistics:
             self.tensors_[key] = value.to(torch.float64, copy=True)
 
     # -- exact re-expression -------------------------------------------------------
-    def reshift(self, shift_x: Tensor, shift_y: Tensor) -> None:
+    def reshift(self, shift_x: Tensor, shift_y: Tensor | dict[str, Tensor]) -> None:
         """Express the sums relative to other shifts, exactly (every sum is a polynomial
-        in the shifts), so that sums of different processes can be added."""
-        t = dict(self.tensors_)
+        in the shifts), so that sums of different processes can be added. ``shift_y`` is
+        the new ``shift_y`` of every group, or a dict of the stored shifts by name."""
+        t, neurons = dict(self.tensors_), self.weight_shape[0]
+        new_y = shift_y if isinstance(shift_y, dict) else {k: shift_y for k in t if k.startswith("shift_y")}
         dx = t["shift_x"] - shift_x                 # x - new = (x - old) + dx on covered positions
-        dy = (t["shift_y"] - shift_y)               # y - new = (y - old) + dy
+        dx_neurons = per_neuron(dx, neurons)
         new = dict(t)
         for group in self.groups:
-            new[f"x.{group}"] = t[f"x.{group}"] + dx * t[f"cover.{group}"]
+            shift = dx if group == "ones" else dx_neurons
+            new[f"x.{group}"] = t[f"x.{group}"] + shift * t[f"cover.{group}"]
         side = {"y_pos": "active", "y_neg": None, "y_all": "ones"}
         for group in ("y_pos", "y_neg", "y_all"):
             if group not in self.groups:
                 continue
-            x_side, cover_side, total_side = self._side(t, side[group])
+            key = "shift_y" if group == "y_all" or f"shift_y.{group}" not in t else f"shift_y.{group}"
+            dy = t[key] - new_y[key]                # y - new = (y - old) + dy
+            x_side, cover_side, total_side = self._side(t, side[group], neurons)
             d = dy.reshape(-1, *([1] * (x_side.dim() - 1)))
-            new[f"x.{group}"] = new[f"x.{group}"] + d * (x_side + dx * cover_side)
+            new[f"x.{group}"] = new[f"x.{group}"] + d * (x_side + dx_neurons * cover_side)
             new[f"cover.{group}"] = t[f"cover.{group}"] + d * cover_side
             new[f"total.{group}"] = t[f"total.{group}"] + dy * total_side
-        new["sum_y"] = t["sum_y"] + t["n"] * dy
-        new["shift_x"], new["shift_y"] = shift_x.clone(), shift_y.clone()
+        new["sum_y"] = t["sum_y"] + t["n"] * (t["shift_y"] - new_y["shift_y"])
+        new["shift_x"] = shift_x.clone()
+        new.update({k: v.clone() for k, v in new_y.items()})
         self.tensors_ = new
 
     @staticmethod
-    def _side(t: dict, group: str | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Sums of x, cover and count over the samples of one side (None: inactive)."""
+    def _side(t: dict, group: str | None, neurons: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums of x, cover and count over the samples of one side (None: inactive), one
+        row per neuron."""
         if group is not None:
-            return t[f"x.{group}"], t[f"cover.{group}"], t[f"total.{group}"]
-        return (t["x.ones"] - t["x.active"], t["cover.ones"] - t["cover.active"],
+            return per_neuron(t[f"x.{group}"], neurons), t[f"cover.{group}"], t[f"total.{group}"]
+        return (per_neuron(t["x.ones"], neurons) - t["x.active"], t["cover.ones"] - t["cover.active"],
                 t["total.ones"] - t["total.active"])
 
     def unshifted(self) -> dict[str, Tensor]:
         """The plain sums, ``sum x``, ``sum x y``, ``sum_+ x y``, ... (float64), computed
-        exactly from the shifted ones: for checks, and to compare with other code."""
-        t = self.tensors_
-        mu, nu = t["shift_x"], t["shift_y"]
+        exactly from the shifted ones: for checks, and to compare with other code. ``sum_x``
+        has one row per input group, the others one per neuron."""
+        t, neurons = self.tensors_, self.weight_shape[0]
+        mu = t["shift_x"]
 
         def x_sum(group):      # sum over the group of h x  (h = the group's value)
-            return t[f"x.{group}"] + mu * t[f"cover.{group}"]
+            shift = mu if group == "ones" else per_neuron(mu, neurons)
+            return t[f"x.{group}"] + shift * t[f"cover.{group}"]
 
-        out = {"n": t["n"], "sum_x": x_sum("ones"), "sum_y": t["sum_y"] + t["n"] * nu}
+        def col(group):
+            return self._shift(group).reshape(-1, *([1] * (t["x.ones"].dim() - 1)))
+
+        out = {"n": t["n"], "sum_x": x_sum("ones"), "sum_y": t["sum_y"] + t["n"] * t["shift_y"]}
+        every = per_neuron(out["sum_x"], neurons)
         if "active" in self.groups:
-            col = nu.reshape(-1, *([1] * (t["x.active"].dim() - 1)))
             out["n_pos"] = t["total.active"]
             out["sum_x_pos"] = x_sum("active")
             if "y_pos" in self.groups:
-                out["sum_y_pos"] = t["total.y_pos"] + t["total.active"] * nu
-                out["sum_xy_pos"] = x_sum("y_pos") + col * out["sum_x_pos"]
+                out["sum_y_pos"] = t["total.y_pos"] + t["total.active"] * self._shift("y_pos")
+                out["sum_xy_pos"] = x_sum("y_pos") + col("y_pos") * out["sum_x_pos"]
             if "y_neg" in self.groups:
-                sum_x_neg = out["sum_x"] - out["sum_x_pos"]
-                out["sum_xy_neg"] = x_sum("y_neg") + col * sum_x_neg
+                out["sum_xy_neg"] = x_sum("y_neg") + col("y_neg") * (every - out["sum_x_pos"])
             if "y_pos" in self.groups and "y_neg" in self.groups:
                 out["sum_xy"] = out["sum_xy_pos"] + out["sum_xy_neg"]
         else:
-            col = nu.reshape(-1, *([1] * (t["x.y_all"].dim() - 1)))
-            out["sum_xy"] = x_sum("y_all") + col * out["sum_x"]
+            out["sum_xy"] = x_sum("y_all") + col("y_all") * every
         return out
 
 
@@ -499,59 +596,76 @@ def _scales(denominator: Tensor, size: Tensor, count: Tensor) -> tuple[Tensor, T
 
 
 @dataclass
-class _Side:
-    """The sums of one component (all samples, active, inactive) of a layer, in the
-    terms of ``Statistics``: ``xy`` and ``x`` are lists of ``(sign, tensor)``."""
+class _Part:
+    """The sums of one group of a layer's samples, each ``y`` shifted by ``shift``:
+    ``xy`` the sum of ``x~ (y - shift)``, ``x`` a list of ``(sign, tensor)`` adding up to
+    the sum of ``x~``, and their cover sums (``x~`` the shifted input)."""
 
-    xy: list
+    xy: Tensor
     x: list
     cover_y: Tensor
     cover: Tensor
+    shift: Tensor
+
+
+@dataclass
+class _Side:
+    """One component of a layer (all samples, active, inactive): its parts, its number of
+    samples and its exact mean of ``y`` per neuron."""
+
+    parts: list
     count: Tensor
-    sum_y: Tensor
+    mean_y: Tensor
 
 
-def _sides(t: dict, groups: Sequence[str]) -> dict[str, _Side]:
-    j = t["sum_y"].shape[0]
+def _sides(stats: "Statistics") -> dict[str, _Side]:
+    t, groups, j = stats.tensors_, stats.groups, stats.weight_shape[0]
     n = t["n"].expand(j)
-    sides = {}
+    ones = per_neuron(t["x.ones"], j)
+    mean = t["shift_y"] + t["sum_y"] / t["n"]
     if "y_all" in groups:
-        sides["all"] = _Side([(1, t["x.y_all"])], [(1, t["x.ones"])], t["cover.y_all"],
-                             t["cover.ones"], n, t["sum_y"])
-        return sides
+        part = _Part(t["x.y_all"], [(1, ones)], t["cover.y_all"], t["cover.ones"], stats._shift("y_all"))
+        return {"all": _Side([part], n, mean)}
+    sides = {}
+    n_pos, n_neg = t["total.active"], n - t["total.active"]
+    positive = negative = None
     if "y_pos" in groups:
-        sides["positive"] = _Side([(1, t["x.y_pos"])], [(1, t["x.active"])], t["cover.y_pos"],
-                                  t["cover.active"], t["total.active"], t["total.y_pos"])
+        positive = _Part(t["x.y_pos"], [(1, t["x.active"])], t["cover.y_pos"], t["cover.active"],
+                         stats._shift("y_pos"))
+        sides["positive"] = _Side([positive], n_pos, positive.shift + t["total.y_pos"] / n_pos.clamp(min=1))
     if "y_neg" in groups:
-        sides["negative"] = _Side([(1, t["x.y_neg"])], [(1, t["x.ones"]), (-1, t["x.active"])],
-                                  t["cover.y_neg"], t["cover.ones"] - t["cover.active"],
-                                  n - t["total.active"], t["total.y_neg"])
-    if "y_pos" in groups and "y_neg" in groups:
-        sides["all"] = _Side([(1, t["x.y_pos"]), (1, t["x.y_neg"])], [(1, t["x.ones"])],
-                             t["cover.y_pos"] + t["cover.y_neg"], t["cover.ones"], n, t["sum_y"])
+        negative = _Part(t["x.y_neg"], [(1, ones), (-1, t["x.active"])], t["cover.y_neg"],
+                         t["cover.ones"] - t["cover.active"], stats._shift("y_neg"))
+        sides["negative"] = _Side([negative], n_neg, negative.shift + t["total.y_neg"] / n_neg.clamp(min=1))
+    if positive is not None and negative is not None:
+        sides["all"] = _Side([positive, negative], n, mean)
     return sides
 
 
-def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """``C / (w^T C)`` of one side, with the unnormalised covariance
+def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor, vanishing: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """``C / (w^T C)`` of one side, with the unnormalised covariance, part by part,
 
-        C = sum_c x (y - m) = sum_c x~ y~ + mu cover_y - m~ (sum_c x~ + mu cover)
+        C = sum_c x (y - m) = sum_parts [sum x~ y~ + mu cover_y - (m - shift) (sum x~ + mu cover)]
 
-    (``x~``, ``y~`` the shifted values, ``m~ = m - shift_y``; docs/math.md, section 3.2),
-    written in one allocation and a few in-place passes. Returns the pattern and the
+    (``x~``, ``y~`` the shifted values; docs/math.md, section 3.2), written in one
+    allocation and in-place passes. ``vanishing`` marks the rows whose ``C`` is exactly 0
+    by construction (a covariance around the side's own mean of ``y`` over one sample),
+    set to 0 instead of the rounding noise of the sums. Returns the pattern and the
     zero-denominator mask.
     """
     j = w.shape[0]
-    col = (j, *([1] * (side.xy[0][1].dim() - 1)))
-    m = m.reshape(col)
-    first, rest = side.xy[0][1], side.xy[1:]
-    c = torch.add(first, rest[0][1], alpha=rest[0][0]) if rest else first.clone()
-    for sign, t in rest[1:]:
-        c.add_(t, alpha=sign)
-    c.addcmul_(side.cover_y, mu)
-    for sign, t in side.x:
-        c.addcmul_(t, m, value=-sign)
-    c.addcmul_(side.cover * m, mu, value=-1)
+    col = (j, *([1] * (side.parts[0].xy.dim() - 1)))
+    c = None
+    for part in side.parts:
+        c = part.xy.clone() if c is None else c.add_(part.xy)
+        c.addcmul_(part.cover_y, mu)
+        d = (m - part.shift).reshape(col)
+        for sign, t in part.x:
+            c.addcmul_(t, d, value=-sign)
+        c.addcmul_(part.cover * d, mu, value=-1)
+    if vanishing is not None:
+        c[vanishing] = 0
     rows = c.reshape(j, -1)
     w2 = w.reshape(j, -1)
     denominator = _row_dots(w2, rows)
@@ -577,17 +691,23 @@ def _pattern_dtype(dtype, model_dtype: torch.dtype | None = None) -> torch.dtype
     return dtype
 
 
+def _rows_of(t, rows: slice, j: int):
+    """``t`` for the neurons ``rows`` only, if it has one row per neuron (a view); a tensor
+    shared by the neurons, such as the input sums of one group, stays whole."""
+    return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == j else t
+
+
 def _side_rows(side: _Side, rows: slice, j: int) -> _Side:
-    """The sums of ``side`` for the neurons ``rows`` only (views; a row shared by all
-    neurons, such as the plain input sums, stays whole)."""
+    """The sums of ``side`` for the neurons ``rows`` only (views)."""
     def cut(t):
-        return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == j else t
+        return _rows_of(t, rows, j)
 
-    return _Side([(sign, cut(t)) for sign, t in side.xy], [(sign, cut(t)) for sign, t in side.x],
-                 cut(side.cover_y), cut(side.cover), cut(side.count), cut(side.sum_y))
+    parts = [_Part(cut(p.xy), [(sign, cut(t)) for sign, t in p.x], cut(p.cover_y), cut(p.cover), cut(p.shift))
+             for p in side.parts]
+    return _Side(parts, cut(side.count), cut(side.mean_y))
 
 
-def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global", *, dtype=None,
+def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_MEAN_Y, *, dtype=None,
                       free: bool = False) -> tuple[LayerPatterns, dict[str, int]]:
     """Compute a layer's patterns from its statistics (docs/math.md, section 3).
 
@@ -600,9 +720,10 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global",
     stats : Statistics
     weight : Tensor
         The layer's folded weight ``W``.
-    mean_y : {"global", "masked"}
-        Which mean of ``y`` the two-component covariances subtract: the mean over all
-        samples (the authors' code) or over the samples of the component (the seminar).
+    mean_y : {"masked", "global"}
+        Which mean of ``y`` the two-component covariances subtract: the mean over the
+        samples of the component (the default, the seminar text) or over all samples
+        (the paper's formula and the authors' code).
     dtype : torch.dtype, optional
         The dtype of the patterns: float32 or float64; default the weight's dtype, at
         least float32.
@@ -631,9 +752,9 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global",
         w = w.to(torch.float64)
     j = w.shape[0]
     n, n_pos = t["n"], t.get("total.active")
-    sides = _sides(t, s.groups)
-    m_global = t["sum_y"] / t["n"]
-    mu = t["shift_x"]
+    sides = _sides(s)
+    m_global = sides["all"].mean_y if "all" in sides else t["shift_y"] + t["sum_y"] / t["n"]
+    mu = per_neuron(t["shift_x"], j)
     if free:
         s.tensors_ = t = {}  # from here on only the sides hold the sums
     kind_side = {"linear": "all", "positive": "positive", "negative": "negative"}
@@ -641,12 +762,14 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = "global",
     result, zeros = {}, {}
     for kind in s.kinds:
         side = sides.pop(kind_side[kind])
-        m = m_global if kind == "linear" or mean_y == "global" else \
-            side.sum_y / side.count.clamp(min=1) * (side.count > 0)
+        own_mean = kind != "linear" and mean_y == "masked"
+        m = side.mean_y if own_mean else m_global
         pattern, zero = torch.empty(w.shape, dtype=dtype), torch.empty(j, dtype=torch.bool)
         for start in range(0, j, block):
             rows = slice(start, start + block)
-            values, zero[rows] = _pattern(_side_rows(side, rows, j), w[rows], mu, m[rows])
+            vanishing = (side.count[rows] == 1) if own_mean else None
+            values, zero[rows] = _pattern(_side_rows(side, rows, j), w[rows], _rows_of(mu, rows, j), m[rows],
+                                          vanishing)
             pattern[rows] = values
             del values
         result[kind], zeros[kind] = pattern, zero & (side.count > 0)
@@ -683,11 +806,11 @@ class Patterns:
     counts : dict[str, dict], optional
         Per layer, the neurons counted by :func:`estimate_patterns`.
     mask : str, optional
-        The activity mask the fit used (:mod:`toolkit.residual`); None if unknown.
+        The activity mask the fit used (:mod:`toolkit.layers.activity`); None if unknown.
     """
 
     def __init__(self, layers: dict[str, LayerPatterns], fingerprint: str,
-                 statistics: dict[str, Statistics] | None = None, mean_y: str = "global",
+                 statistics: dict[str, Statistics] | None = None, mean_y: str = DEFAULT_MEAN_Y,
                  counts: dict[str, dict] | None = None, mask: str | None = None):
         self.layers = dict(layers)
         for name, p in self.layers.items():
@@ -701,7 +824,7 @@ class Patterns:
     # -- construction --------------------------------------------------------------
     @classmethod
     def from_statistics(cls, plan: Plan, statistics: dict[str, Statistics], fingerprint: str,
-                        mean_y: str = "global", *, dtype=None, keep: bool = True) -> "Patterns":
+                        mean_y: str = DEFAULT_MEAN_Y, *, dtype=None, keep: bool = True) -> "Patterns":
         """The patterns of every layer of ``plan`` from its statistics
         (:func:`estimate_patterns`), in ``dtype`` (default: the model's, at least
         float32). With ``keep=False`` each layer's statistics are freed as soon as its
@@ -868,7 +991,7 @@ class Patterns:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no patterns file at {path}")
-        contents = read_patterns(path, KINDS, Statistics.shapes)
+        contents = read_patterns(path, KINDS, Statistics.stored_shapes)
         if contents.mean_y not in MEAN_Y_CONVENTIONS:
             raise PatternFileError(f"{path} has malformed metadata (mean_y {contents.mean_y!r})")
         dtype = _pattern_dtype(dtype)
@@ -889,14 +1012,16 @@ def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
     modules = dict(model.named_modules())
     for name, p in patterns.layers.items():
         module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
+        ops = None if module is None else adapter_for(module)
+        if ops is None:
             raise PatternMismatchError(f"{path} holds patterns for a layer '{name}' that this model "
                                        "does not have: they were fitted for another model")
+        shape = tuple(ops(module).weight_shape)
         for kind, t in p.tensors().items():
-            if tuple(t.shape) != tuple(module.weight.shape):
+            if tuple(t.shape) != shape:
                 raise PatternMismatchError(
                     f"{path}: the {kind} pattern of layer '{name}' has shape {tuple(t.shape)}, the "
-                    f"layer's weight {tuple(module.weight.shape)}: fitted for another model")
+                    f"layer's weight {shape}: fitted for another model")
 
 
 # ----------------------------------------------------------------------------------
@@ -905,7 +1030,7 @@ def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
 def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KINDS,
                  device=None, max_batches: int | None = None, progress: bool = True,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-                 mean_y: str = "global", compute_dtype=None, batch_size: int = 64,
+                 mean_y: str = DEFAULT_MEAN_Y, compute_dtype=None, batch_size: int = 64,
                  mask: str | None = None, keep_statistics: bool = False,
                  pattern_dtype=None) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
@@ -939,8 +1064,12 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         are read again, and compared by a running fingerprint); anything else is a
         :class:`toolkit.streaming.CheckpointMismatchError`. Under ``torch.distributed``
         each rank writes ``<stem>.rank<r><suffix>``.
-    mean_y : {"global", "masked"}
-        The E[y] convention of the two-component patterns (docs/math.md, section 3.3).
+    mean_y : {"masked", "global"}
+        The E[y] convention of the two-component patterns (docs/math.md, section 3.3):
+        ``"masked"`` (default, :data:`toolkit.linear.DEFAULT_MEAN_Y`) subtracts the mean of
+        ``y`` over the component's own samples, which keeps the patterns unchanged when a
+        constant is added to the inputs; ``"global"`` subtracts the mean over all samples,
+        as the paper's formula and the authors' code (iNNvestigate 1.0.9) do.
     compute_dtype : torch.dtype or "tf32", optional
         Dtype of the per-batch products; None (default) is the model's own dtype. The
         sums are float64 and the products run on shifted values, so float32 products
@@ -950,7 +1079,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         The activity mask of a layer whose output is not followed directly by a ReLU
         (in a residual block: the last convolution and the downsample): its own output
         ``z > 0``, or the input of the ReLU after the addition. Default
-        :data:`toolkit.residual.DEFAULT_MASK`; the same for every layer of a chain
+        :data:`toolkit.layers.DEFAULT_MASK`; the same for every layer of a chain
         (docs/math.md, section 6).
     keep_statistics : bool
         Keep the float64 sums in ``Patterns.statistics`` (two to four times the size of
@@ -981,7 +1110,7 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
     target = torch.device(device) if device is not None else (
         parameter.device if parameter is not None else torch.device("cpu"))
     compute_dtype = check_product_dtype(compute_dtype, target)
-    result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype),
+    result = stream(model, data, lambda layer: Statistics(layer, kinds, compute_dtype, mean_y=mean_y),
                     desc="fitting patterns", device=device, max_batches=max_batches,
                     progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                     batch_size=batch_size, mask=mask)

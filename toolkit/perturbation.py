@@ -2,7 +2,7 @@
 
 The paper's degradation test (Samek et al. 2017): :func:`region_perturbation` explains
 the predicted class of every image, sums the relevance over a grid of non-overlapping
-``patch x patch`` regions, replaces the regions one after another in the order of their
+``patch x patch`` regions (or windows of ``patch`` time steps, for recordings), replaces the regions one after another in the order of their
 relevance (or at random, the baseline) by their per-channel mean (or 0), records the
 softmax probability of the initially predicted class, and summarises the curve by its
 AOPC (area over the perturbation curve). The procedure, the regions at the border and
@@ -14,6 +14,10 @@ perturbed images, with no Python loop over images, regions or steps. The random 
 come from one generator seeded with ``seed``, image after image, so the result does not
 depend on the batch size. Each image costs one explanation and ``1 + repeats * L``
 forward passes.
+
+Recordings ``(N, channels, times)`` -- the input of a network with Conv1d layers -- are
+perturbed in windows of ``patch`` time steps across all channels; so are their Conv2d form
+``(N, channels, 1, times)``, with the same regions, orders and numbers.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from toolkit.layers import evaluation_mode
 from toolkit.streaming import input_batches
 
 __all__ = ["ORDERS", "REPLACEMENTS", "PerturbationResult", "region_perturbation", "aopc",
-           "region_relevance"]
+           "region_relevance", "region_shape"]
 
 ORDERS = ("most_relevant", "least_relevant", "random")
 REPLACEMENTS = ("mean", "zero")
@@ -64,9 +68,15 @@ class PerturbationResult:
     predicted : Tensor
         ``(N,)`` the initially predicted classes (the explained targets).
     order, replace : str
-    patch, steps, repeats : int
+    patch : int or tuple[int, int]
+        As given to :func:`region_perturbation`.
+    steps, repeats : int
     grid : tuple[int, int]
         Regions per column and per row.
+    region : tuple[int, int], optional
+        Height and width of a region (default ``(patch, patch)``).
+    one_row : bool
+        Whether the inputs had one row (recordings): regions are then windows of time steps.
     """
 
     curve: Tensor
@@ -81,15 +91,28 @@ class PerturbationResult:
     steps: int
     repeats: int
     grid: tuple[int, int]
+    region: tuple[int, int] | None = None
+    one_row: bool = False
+
+    def __post_init__(self):
+        if self.region is None:
+            self.region = (self.patch, self.patch)
 
     @property
     def images(self) -> int:
         return self.per_image.shape[0]
 
+    @property
+    def region_label(self) -> str:
+        """What one region is, in words: ``"4x4 pixels"`` or ``"8 time steps"``."""
+        height, width = self.region
+        return f"{width} time steps" if self.one_row else f"{height}x{width} pixels"
+
     def __str__(self) -> str:
         orderings = f", {self.repeats} orderings per image" if self.order == "random" else ""
-        return (f"region perturbation ({self.order}{orderings}; {self.patch}x{self.patch} regions "
-                f"on a {self.grid[0]}x{self.grid[1]} grid, replaced by their {self.replace}): "
+        grid = f"{self.grid[1]} windows" if self.one_row else f"a {self.grid[0]}x{self.grid[1]} grid"
+        return (f"region perturbation ({self.order}{orderings}; regions of {self.region_label} "
+                f"on {grid}, replaced by their {self.replace}): "
                 f"{self.images} images, {self.steps} steps, probability "
                 f"{float(self.curve[0]):.4f} -> {float(self.curve[-1]):.4f}, AOPC {self.aopc:.4f}")
 
@@ -97,16 +120,26 @@ class PerturbationResult:
 # ----------------------------------------------------------------------------------
 # the pieces
 # ----------------------------------------------------------------------------------
-def region_relevance(relevance: Tensor, patch: int) -> Tensor:
-    """Sum ``relevance`` ``(N, C, H, W)`` over channels and ``patch x patch`` regions.
+def region_shape(patch, height: int) -> tuple[int, int]:
+    """The ``(height, width)`` of a region: ``patch`` itself if it is a pair; for an int,
+    ``patch x patch``, or ``1 x patch`` on inputs of one row (recordings)."""
+    if isinstance(patch, tuple):
+        return patch
+    return (1 if height == 1 else patch), patch
+
+
+def region_relevance(relevance: Tensor, patch) -> Tensor:
+    """Sum ``relevance`` ``(N, C, H, W)`` over channels and regions of
+    :func:`region_shape` (``patch x patch``, or ``(height, width)`` for a pair).
 
     Returns ``(N, gh * gw)``, regions in row-major order; border rows and columns beyond
-    ``gh * patch`` and ``gw * patch`` are left out.
+    the last whole region are left out.
     """
     n, _, h, w = relevance.shape
-    gh, gw = h // patch, w // patch
-    r = relevance[:, :, :gh * patch, :gw * patch].sum(1)
-    return r.reshape(n, gh, patch, gw, patch).sum((2, 4)).reshape(n, gh * gw)
+    ph, pw = region_shape(patch, h)
+    gh, gw = h // ph, w // pw
+    r = relevance[:, :, :gh * ph, :gw * pw].sum(1)
+    return r.reshape(n, gh, ph, gw, pw).sum((2, 4)).reshape(n, gh * gw)
 
 
 def _orders(regions: Tensor, order: str, repeats: int, generator: torch.Generator) -> Tensor:
@@ -125,24 +158,24 @@ def _steps_of(orders: Tensor) -> Tensor:
     return torch.empty_like(orders).scatter_(-1, orders, positions)
 
 
-def _replacement(x: Tensor, patch: int, replace: str) -> Tensor:
+def _replacement(x: Tensor, region: tuple[int, int], replace: str) -> Tensor:
     """The image every region is replaced from: each region's per-channel mean, or 0."""
     if replace == "zero":
         return torch.zeros_like(x)
-    gh, gw = x.shape[2] // patch, x.shape[3] // patch
-    means = F.avg_pool2d(x[:, :, :gh * patch, :gw * patch], patch)
+    (ph, pw), (gh, gw) = region, (x.shape[2] // region[0], x.shape[3] // region[1])
+    means = F.avg_pool2d(x[:, :, :gh * ph, :gw * pw], region)
     out = x.clone()
-    out[:, :, :gh * patch, :gw * patch] = _upsample(means, patch)
+    out[:, :, :gh * ph, :gw * pw] = _upsample(means, region)
     return out
 
 
-def _upsample(t: Tensor, patch: int) -> Tensor:
-    """Repeat every entry of the last two dimensions ``patch`` times (one value per region
-    -> one per pixel)."""
-    return t.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+def _upsample(t: Tensor, region: tuple[int, int]) -> Tensor:
+    """Repeat every entry of the last two dimensions as often as a region is high and wide
+    (one value per region -> one per pixel)."""
+    return t.repeat_interleave(region[0], -2).repeat_interleave(region[1], -1)
 
 
-def _softmax(model: nn.Module, x: Tensor) -> Tensor:
+def _softmax(model, x: Tensor) -> Tensor:
     logits = model(x)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -151,13 +184,13 @@ def _softmax(model: nn.Module, x: Tensor) -> Tensor:
     return logits.double().softmax(1)
 
 
-def _probabilities(model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
+def _probabilities(model, x: Tensor, classes: Tensor) -> Tensor:
     """Softmax probability of ``classes`` (one per image)."""
     return _softmax(model, x).gather(1, classes[:, None])[:, 0]
 
 
-def _perturbed_curves(model: nn.Module, x: Tensor, replacement: Tensor, step: Tensor,
-                      classes: Tensor, steps: int, patch: int, batch_size: int) -> Tensor:
+def _perturbed_curves(model, x: Tensor, replacement: Tensor, step: Tensor,
+                      classes: Tensor, steps: int, region: tuple[int, int], batch_size: int) -> Tensor:
     """``f_c(x^(k))`` for ``k = 1..steps`` and every ordering: ``(N, repeats, steps)``.
 
     All ``N * repeats * steps`` perturbed images are enumerated by one flat index and
@@ -166,14 +199,14 @@ def _perturbed_curves(model: nn.Module, x: Tensor, replacement: Tensor, step: Te
     """
     n, repeats, _ = step.shape
     h, w = x.shape[2:]
-    gh, gw = h // patch, w // patch
+    (ph, pw), (gh, gw) = region, (h // region[0], w // region[1])
     out = torch.empty(n * repeats * steps, dtype=torch.float64, device=x.device)
     for start in range(0, out.numel(), batch_size):
         flat = torch.arange(start, min(start + batch_size, out.numel()), device=x.device)
         image, ordering, k = flat // (repeats * steps), flat // steps % repeats, flat % steps + 1
         regions = (step[image, ordering] < k[:, None]).reshape(-1, 1, gh, gw)
         mask = torch.zeros(len(flat), 1, h, w, dtype=torch.bool, device=x.device)
-        mask[:, :, :gh * patch, :gw * patch] = _upsample(regions, patch)
+        mask[:, :, :gh * ph, :gw * pw] = _upsample(regions, region)
         perturbed = torch.where(mask, replacement[image], x[image])
         out[flat] = _probabilities(model, perturbed, classes[image])
     return out.reshape(n, repeats, steps)
@@ -187,7 +220,8 @@ def _check_settings(explainer, patch, steps, replace, order, random_repeats, bat
     if needs_explainer and not callable(getattr(explainer, "attribute", None)):
         raise TypeError(f"explainer must have a method attribute(inputs, target), e.g. "
                         f"toolkit.PatternAttribution(model, patterns); got {type(explainer).__name__}")
-    for name, value in (("patch", patch), ("random_repeats", random_repeats),
+    sizes = patch if isinstance(patch, tuple) and len(patch) == 2 else (patch,)
+    for name, value in (*(("patch", size) for size in sizes), ("random_repeats", random_repeats),
                         ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, not {value!r}")
@@ -199,24 +233,26 @@ def _check_settings(explainer, patch, steps, replace, order, random_repeats, bat
         raise ValueError(f"unknown order={order!r}; choose from {ORDERS}")
 
 
-def _check_images(x: Tensor, index: int, patch: int, steps: int | None, shape) -> int:
-    """Validate one batch; return the number of steps (all regions if ``steps`` is None)."""
+def _check_images(x: Tensor, index: int, patch, steps: int | None, shape) -> int:
+    """Validate one batch (images ``(N, C, H, W)``); return the number of steps (all
+    regions if ``steps`` is None)."""
     if not x.is_floating_point():
         raise TypeError(f"batch {index}: images must be floating point, got {x.dtype}")
     if x.dim() != 4 or x.shape[0] == 0:
-        raise ValueError(f"batch {index}: expected images shaped (N, C, H, W) with N >= 1, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(f"batch {index}: expected images shaped (N, C, H, W) or recordings "
+                         f"(N, C, T) with N >= 1, got {tuple(x.shape)}")
     if shape is not None and tuple(x.shape[1:]) != shape:
         raise ValueError(f"batch {index}: images of shape {tuple(x.shape[1:])} differ from the "
                          f"first batch's {shape}")
     if not torch.isfinite(x).all():
         raise ValueError(f"batch {index} contains NaN or Inf values")
     h, w = x.shape[2:]
-    if patch > min(h, w):
+    ph, pw = region_shape(patch, h)
+    if ph > h or pw > w:
         raise ValueError(f"patch={patch} is larger than the {h}x{w} images")
-    count = (h // patch) * (w // patch)
+    count = (h // ph) * (w // pw)
     if steps is not None and steps > count:
-        raise ValueError(f"steps={steps} is more than the {count} regions of {patch}x{patch} "
+        raise ValueError(f"steps={steps} is more than the {count} regions of {ph}x{pw} "
                          f"pixels in a {h}x{w} image")
     return count if steps is None else steps
 
@@ -234,7 +270,7 @@ def _check_relevance(relevance, x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------
-def region_perturbation(model: nn.Module, explainer, data, patch: int = 9,
+def region_perturbation(model: nn.Module, explainer, data, patch: int | tuple[int, int] = 9,
                         steps: int | None = None, replace: str = "mean",
                         order: str = "most_relevant", random_repeats: int = 10, seed: int = 0,
                         batch_size: int = 64, progress: bool = True) -> PerturbationResult:
@@ -250,10 +286,13 @@ def region_perturbation(model: nn.Module, explainer, data, patch: int = 9,
         the predicted classes as targets; must return a relevance shaped like the inputs.
         Unused (and may be None) for ``order="random"``.
     data : Tensor or iterable
-        Images ``(N, C, H, W)``, or an iterable of image batches or ``(images, labels)``
-        pairs (labels are ignored: the explained class is the predicted one).
-    patch : int
-        Side of the square regions (9 in the paper).
+        Images ``(N, C, H, W)`` or recordings ``(N, C, T)``, or an iterable of such
+        batches or of ``(inputs, labels)`` pairs (labels are ignored: the explained class
+        is the predicted one).
+    patch : int or (int, int)
+        Side of the square regions (9 in the paper), or their ``(height, width)``. On
+        inputs of one row -- recordings ``(N, C, T)`` or their Conv2d form
+        ``(N, C, 1, T)`` -- an int is the length of a window of time steps (all channels).
     steps : int, optional
         Number of regions to perturb, ``L`` (default: all regions of the grid).
     replace : {"mean", "zero"}
@@ -289,22 +328,26 @@ def region_perturbation(model: nn.Module, explainer, data, patch: int = 9,
 
     per_ordering, predicted, shape, length = [], [], None, None
     with tqdm(desc=f"region perturbation ({order})", unit="image", disable=not progress) as bar:
-        for index, x in enumerate(input_batches(data, batch_size)):
+        for index, inputs in enumerate(input_batches(data, batch_size)):
+            one_row = inputs.dim() == 3  # recordings (N, C, T), seen as images (N, C, 1, T)
+            x = inputs.unsqueeze(2) if one_row else inputs
+            forward = (lambda t: model(t.squeeze(2))) if one_row else model
             length = _check_images(x, index, patch, steps, shape)
-            shape = tuple(x.shape[1:])
-            x = x.to(device)
+            shape, region = tuple(x.shape[1:]), region_shape(patch, x.shape[2])
+            x, inputs = x.to(device), inputs.to(device)
             with evaluation_mode(model), torch.no_grad():
-                probabilities = _softmax(model, x)
+                probabilities = _softmax(forward, x)
             classes = probabilities.argmax(1)
             start = probabilities.gather(1, classes[:, None])[:, 0]
             if order == "random":  # the relevance is not needed
-                regions = region_relevance(torch.zeros_like(x), patch)
+                regions = region_relevance(torch.zeros_like(x), region)
             else:
-                regions = region_relevance(_check_relevance(explainer.attribute(x, classes), x), patch)
+                relevance = _check_relevance(explainer.attribute(inputs, classes), inputs)
+                regions = region_relevance(relevance.reshape(x.shape), region)
             step = _steps_of(_orders(regions, order, repeats, generator))
             with evaluation_mode(model), torch.no_grad():
-                later = _perturbed_curves(model, x, _replacement(x, patch, replace), step, classes,
-                                          length, patch, batch_size)
+                later = _perturbed_curves(forward, x, _replacement(x, region, replace), step, classes,
+                                          length, region, batch_size)
             per_ordering.append(torch.cat([start[:, None, None].expand(-1, repeats, 1), later], 2).cpu())
             predicted.append(classes.cpu())
             bar.update(x.shape[0])
@@ -314,9 +357,9 @@ def region_perturbation(model: nn.Module, explainer, data, patch: int = 9,
     curves = torch.cat(per_ordering)
     per_image = curves.mean(1)
     per_image_aopc = aopc(per_image)
-    h, w = shape[1:]
+    (h, w), (ph, pw) = shape[1:], region
     return PerturbationResult(
         curve=per_image.mean(0), per_image=per_image, per_ordering=curves,
         per_image_aopc=per_image_aopc, aopc=float(per_image_aopc.mean()),
         predicted=torch.cat(predicted), order=order, replace=replace, patch=patch, steps=length,
-        repeats=repeats, grid=(h // patch, w // patch))
+        repeats=repeats, grid=(h // ph, w // pw), region=region, one_row=h == 1)

@@ -1,8 +1,8 @@
-"""How good is a signal estimator? ``rho(S)`` for every Conv2d/Linear layer of a network.
+"""How good is a signal estimator? ``rho(S)`` for every neuron layer of a network.
 
 For one neuron with filter ``w``, an estimator ``S`` splits each input ``x`` (for a
-convolution: each receptive-field patch) into an estimated signal ``S(x)`` and an
-estimated distractor ``d = x - S(x)``; the quality is::
+convolution: each receptive-field patch of the neuron's group of channels) into an
+estimated signal ``S(x)`` and an estimated distractor ``d = x - S(x)``; the quality is::
 
     rho(S) = 1 - max_v corr(v^T d, y),    y = w^T x  (no bias)
 
@@ -19,10 +19,28 @@ Measure on data the patterns were not fitted on. The derivation of the closed fo
 eigenvalue floor ``rtol``, the option ``ridge``, undefined neurons and the sample-size
 warning are in docs/math.md, section 4.
 
-Memory: the shared moment is ``D x D`` float64 per layer (``D`` the patch size): about
-5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3 convolution;
-the closed form holds up to four such matrices. Use ``layers=`` to measure a subset and
-``device=`` to compute on a GPU; ``benchmarks/layer_quality.py`` times a model.
+**Groups.** A neuron of a grouped or depthwise convolution reads only its group of the
+input channels (:mod:`toolkit.layers.adapters`), so the moments of the inputs are kept
+per group (``G`` groups, ``D`` inputs per neuron: ``sum_xx`` is ``G x D x D``), and the
+closed form solves each group's neurons against its own input covariance, batched over
+the groups. A layer of one group (Linear, an ordinary convolution) keeps the shapes
+without a group axis.
+
+**Layers without a quality.** A neuron with one input (a standalone BatchNorm, ``D = 1``)
+has ``w^T a = 1`` for every estimator, so its signal is ``a y = x``, its distractor 0 and
+``rho`` undefined, as for the identity estimator. :func:`layer_quality` skips such
+layers (they are named in :attr:`QualityResult.skipped` and under its table) and refuses
+them where ``layers=`` names them (docs/math.md, section 4.5).
+
+Memory: the shared moment is ``G x D x D`` float64 per layer (``D`` the patch size of a
+group): about 5 GB for the first dense layer of VGG16, 170 MB for a 512-channel 3 x 3
+convolution. Groups make it ``G`` times smaller than the same layer without groups
+(``G D^2 = (G D)^2 / G``): 21 MB for a ResNeXt 3 x 3 convolution of 32 groups of 32
+channels (``D = 288``), 0.6 MB for MobileNetV2's 960-channel depthwise convolution
+(``D = 9``). Per neuron the sums are ``J x D``; a batch is unfolded in pieces of
+:data:`PATCH_CHUNK_ELEMENTS` numbers; the closed form holds up to four copies of the
+shared moment. Use ``layers=`` to measure a subset and ``device=`` to compute on a GPU;
+``benchmarks/layer_quality.py`` times a model.
 
 ``layer_quality(..., regime="active")`` measures each neuron only over the samples where
 it is active (``z > 0``), from per-neuron active moments (:class:`ActiveLayerMoments`,
@@ -42,7 +60,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
 from toolkit.estimators import ESTIMATORS, MEASURABLE
-from toolkit.layers import Layer, Plan
+from toolkit.layers import Layer, Plan, per_neuron
 from toolkit.streaming import model_device_and_dtype, same_device, stream
 from toolkit.linear import UndefinedQualityError
 
@@ -59,6 +77,8 @@ __all__ = [
     "rho_active_from_moments",
     "ActiveLayerMoments",
     "REGIMES",
+    "ONE_INPUT",
+    "inputs_per_neuron",
     "active_regime_neurons",
     "collect_moments",
     "unexplained_linear",
@@ -79,6 +99,9 @@ NEURON_BLOCK_ELEMENTS = 2 ** 23
 ZERO_VARIANCE_RTOL = 1e-12
 #: ``|1 - w^T a|`` below this times ``|w| |a|`` is round-off: ``w^T a = 1``.
 KAPPA_RTOL = 1e-8
+#: Why :func:`layer_quality` skips a layer whose neurons have one input each (a standalone
+#: BatchNorm): docs/math.md, section 4.5.
+ONE_INPUT = "one input per neuron: every estimator's signal is the input, its distractor 0, rho undefined"
 
 
 def _kappa_rtol(*patterns: Tensor) -> float:
@@ -168,6 +191,17 @@ def _check_measurable(name: str) -> None:
 # ----------------------------------------------------------------------------------
 # streamed moments
 # ----------------------------------------------------------------------------------
+def _patch_chunks(layer: Layer, x: Tensor, z: Tensor, per_sample: int):
+    """The batch in pieces of at most :data:`PATCH_CHUNK_ELEMENTS` patch numbers:
+    ``(patches (S, G, D) float64, neuron values (S, J), samples per image)``."""
+    images = x.shape[0]
+    positions = layer.neuron_values(z[:1]).shape[0]
+    chunk = max(1, PATCH_CHUNK_ELEMENTS // max(1, positions * per_sample))
+    for start in range(0, images, chunk):
+        yield (layer.group_patches(x[start:start + chunk].to(torch.float64)),
+               layer.neuron_values(z[start:start + chunk].detach()), positions)
+
+
 @dataclass
 class LayerMoments:
     """Running float64 sums of one layer; everything ``rho`` is computed from.
@@ -176,18 +210,22 @@ class LayerMoments:
     are summed, which keeps ``Sigma_x = S_xx / n - m m^T`` accurate when the inputs'
     mean is large compared with their spread; covariances do not depend on the shift.
 
-    Shapes (``D`` inputs per sample, ``J`` neurons)::
+    Shapes (``D`` inputs per sample, ``J`` neurons, ``G`` groups: a neuron reads one
+    group of the input channels, see :mod:`toolkit.layers.adapters`)::
 
-        n          ()      samples (images x output positions)
-        shift      (D,)    subtracted from every input
-        sum_x      (D,)    sum of x - shift
-        sum_xx     (D, D)  sum of (x - shift)(x - shift)^T   -- shared by all neurons
-        n_pos      (J,)    samples with z > 0
-        sum_y_pos  (J,)    sum of y_+ = y [z > 0]
-        sum_y_pos2 (J,)    sum of y_+^2
-        sum_y_neg  (J,)    sum of y_- = y - y_+
-        sum_y_neg2 (J,)    sum of y_-^2
-        sum_xy_pos (J, D)  sum of (x - shift) y_+
+        n          ()         samples (images x output positions)
+        shift      (G, D)     subtracted from every input of the group
+        sum_x      (G, D)     sum of x - shift
+        sum_xx     (G, D, D)  sum of (x - shift)(x - shift)^T -- shared by a group's neurons
+        n_pos      (J,)       samples with z > 0
+        sum_y_pos  (J,)       sum of y_+ = y [z > 0]
+        sum_y_pos2 (J,)       sum of y_+^2
+        sum_y_neg  (J,)       sum of y_- = y - y_+
+        sum_y_neg2 (J,)       sum of y_-^2
+        sum_xy_pos (J, D)     sum of (x - shift) y_+, x the inputs of the neuron's group
+
+    A layer of one group (a Linear layer, an ungrouped convolution) has no group axis:
+    ``shift`` and ``sum_x`` are ``(D,)``, ``sum_xx`` is ``(D, D)``.
     """
 
     n: Tensor
@@ -202,48 +240,58 @@ class LayerMoments:
     sum_xy_pos: Tensor
 
     @classmethod
-    def zeros(cls, dim: int, neurons: int, device=None) -> "LayerMoments":
+    def zeros(cls, dim: int, neurons: int, device=None, groups: int = 1) -> "LayerMoments":
+        if groups < 1 or neurons % groups:
+            raise ValueError(f"{neurons} neurons cannot be split into {groups} groups")
         kw = dict(dtype=torch.float64, device=device)
+        lead = () if groups == 1 else (groups,)
         return cls(
-            n=torch.zeros((), **kw), shift=torch.zeros(dim, **kw), sum_x=torch.zeros(dim, **kw),
-            sum_xx=torch.zeros(dim, dim, **kw), n_pos=torch.zeros(neurons, **kw),
-            sum_y_pos=torch.zeros(neurons, **kw), sum_y_pos2=torch.zeros(neurons, **kw),
-            sum_y_neg=torch.zeros(neurons, **kw), sum_y_neg2=torch.zeros(neurons, **kw),
-            sum_xy_pos=torch.zeros(neurons, dim, **kw),
+            n=torch.zeros((), **kw), shift=torch.zeros(*lead, dim, **kw),
+            sum_x=torch.zeros(*lead, dim, **kw), sum_xx=torch.zeros(*lead, dim, dim, **kw),
+            n_pos=torch.zeros(neurons, **kw), sum_y_pos=torch.zeros(neurons, **kw),
+            sum_y_pos2=torch.zeros(neurons, **kw), sum_y_neg=torch.zeros(neurons, **kw),
+            sum_y_neg2=torch.zeros(neurons, **kw), sum_xy_pos=torch.zeros(neurons, dim, **kw),
         )
 
     @property
     def dim(self) -> int:
-        return self.sum_x.shape[0]
+        """``D``, the inputs of one neuron."""
+        return self.sum_x.shape[-1]
+
+    @property
+    def groups(self) -> int:
+        """``G``, the groups of inputs."""
+        return 1 if self.sum_x.dim() == 1 else self.sum_x.shape[0]
+
+    def grouped(self, name: str) -> Tensor:
+        """The shared sum ``name`` (``shift``, ``sum_x`` or ``sum_xx``) with its group
+        axis, also for one group: a view, ``(G, D)`` or ``(G, D, D)``."""
+        t = getattr(self, name)
+        return t.view(self.groups, *t.shape[t.dim() - (2 if name == "sum_xx" else 1):])
 
     def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
         """Add one batch: layer input ``x`` and layer output ``z`` (bias included).
 
         ``y = w^T x`` is recomputed in float64 from the patches (the model's own output
         may be float32); the activity mask is ``z > 0`` as in fitting, or ``active``
-        (bool, shaped like ``z``) when given (:mod:`toolkit.residual`).
+        (bool, shaped like ``z``) when given (:mod:`toolkit.layers.activity`).
         """
         z = z if active is None else active.to(z.dtype)   # only its sign is used below
         w = _rows(layer.weight()).to(self.sum_xx.device)
-        images = x.shape[0]
-        per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)  # positions x D
-        chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
-        for start in range(0, images, chunk):
-            patches = layer.patches(x[start:start + chunk].to(torch.float64))
-            active = layer.neuron_values(z[start:start + chunk].detach()) > 0
+        for patches, values, positions in _patch_chunks(layer, x, z, self.groups * self.dim):
             if self.n == 0:
-                positions = patches.shape[0] // min(chunk, images - start)
-                self.shift = patches[:positions].mean(0)
-            self._add(patches - self.shift, active, w)
+                self.shift = patches[:positions].mean(0).reshape(self.shift.shape)
+            self._add(patches - self.grouped("shift"), values > 0, w)
 
     def reshift(self, shift: Tensor) -> None:
         """Express the sums relative to another ``shift`` (exactly: every sum is a
         polynomial in the shift), so that moments of different processes can be added."""
-        delta = self.shift - shift  # x - shift = (x - self.shift) + delta
-        self.sum_xx += torch.outer(self.sum_x, delta) + torch.outer(delta, self.sum_x) \
-            + self.n * torch.outer(delta, delta)
-        self.sum_xy_pos += torch.outer(self.sum_y_pos, delta)
-        self.sum_x += self.n * delta
+        delta = (self.shift - shift).view(self.groups, 1, -1)  # x - shift = (x - self.shift) + delta
+        sum_x = self.grouped("sum_x")[:, None, :]
+        self.grouped("sum_xx").baddbmm_(sum_x.mT, delta).baddbmm_(delta.mT, sum_x) \
+            .baddbmm_(delta.mT, delta, alpha=float(self.n))
+        self.sum_xy_pos += self.sum_y_pos[:, None] * per_neuron(delta[:, 0], self.sum_y_pos.shape[0])
+        self.sum_x += self.n * delta.view(self.sum_x.shape)
         self.shift = shift.clone()
 
     # -- the accumulator interface of toolkit.streaming ----------------------------
@@ -267,18 +315,27 @@ class LayerMoments:
         sum_over_ranks(getattr(self, f.name) for f in fields(self) if f.name != "shift")
 
     def _add(self, patches: Tensor, active: Tensor, w: Tensor) -> None:
-        y = torch.addmm(w @ self.shift, patches, w.T)  # w^T x with x = patches + shift
+        """Add the shifted ``patches`` ``(S, G, D)`` with the activity ``(S, J)``: one
+        batched product per sum, the groups as the batch."""
+        samples, neurons = active.shape
+        groups = self.groups
+        by_group = patches.transpose(0, 1)                           # (G, S, D)
+        w_group = w.view(groups, neurons // groups, -1)              # (G, J / G, D)
+        offset = w_group @ self.grouped("shift")[:, :, None]         # w^T shift
+        y = torch.baddbmm(offset.mT, by_group, w_group.mT)           # w^T x, (G, S, J / G)
+        y = y.transpose(0, 1).reshape(samples, neurons)
         y_pos = y * active
         y_neg = y - y_pos
-        self.n += patches.shape[0]
-        self.sum_x += patches.sum(0)
-        self.sum_xx.addmm_(patches.T, patches)
+        self.n += samples
+        self.grouped("sum_x").add_(patches.sum(0))
+        self.grouped("sum_xx").baddbmm_(by_group.mT, by_group)
         self.n_pos += active.sum(0)
         self.sum_y_pos += y_pos.sum(0)
         self.sum_y_pos2 += (y_pos * y_pos).sum(0)
         self.sum_y_neg += y_neg.sum(0)
         self.sum_y_neg2 += (y_neg * y_neg).sum(0)
-        self.sum_xy_pos.addmm_(y_pos.T, patches)
+        y_pos_group = y_pos.view(samples, groups, -1).permute(1, 2, 0)   # (G, J / G, S)
+        self.sum_xy_pos.view(groups, neurons // groups, -1).baddbmm_(y_pos_group, by_group)
 
 
 @dataclass
@@ -287,7 +344,7 @@ class ActiveLayerMoments(LayerMoments):
 
     The active regime measures each neuron only on the samples where it is active
     (``z > 0``, bias included, the mask of fitting); each neuron has its own samples and
-    so its own input covariance. Relative to the same ``shift`` as the shared sums::
+    so its own input covariance. Relative to the ``shift`` of the neuron's group::
 
         neurons     (K,)       indices of the neurons measured (int64, sorted)
         n_act       (K,)       samples with z_k > 0
@@ -307,10 +364,10 @@ class ActiveLayerMoments(LayerMoments):
     sum_xx_act: Tensor
 
     @classmethod
-    def zeros(cls, dim: int, neurons: int, device=None, measured: Tensor | None = None
-              ) -> "ActiveLayerMoments":
+    def zeros(cls, dim: int, neurons: int, device=None, measured: Tensor | None = None,
+              groups: int = 1) -> "ActiveLayerMoments":
         """Empty sums; ``measured`` are the indices of the neurons measured (default all)."""
-        shared = LayerMoments.zeros(dim, neurons, device)
+        shared = LayerMoments.zeros(dim, neurons, device, groups)
         index = torch.arange(neurons) if measured is None else torch.as_tensor(measured).long()
         k = index.numel()
         kw = dict(dtype=torch.float64, device=device)
@@ -318,28 +375,27 @@ class ActiveLayerMoments(LayerMoments):
                    neurons=index.to(device), n_act=torch.zeros(k, **kw),
                    sum_x_act=torch.zeros(k, dim, **kw), sum_xx_act=torch.zeros(k, dim, dim, **kw))
 
-    def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
-        """Add one batch to the shared sums and to the active sums of the measured neurons."""
-        super().update(layer, x, z, active)  # sets the shift on the first batch
-        z = z if active is None else active.to(z.dtype)
-        images = x.shape[0]
-        per_image = max(1, z[:1].numel() // z.shape[1] * self.dim)
-        chunk = max(1, PATCH_CHUNK_ELEMENTS // per_image)
-        for start in range(0, images, chunk):
-            patches = layer.patches(x[start:start + chunk].to(torch.float64)) - self.shift
-            values = layer.neuron_values(z[start:start + chunk].detach())
-            active = values[:, self.neurons.to(values.device)].to(patches.device) > 0
-            self.n_act += active.sum(0)
-            self.sum_x_act.addmm_(active.T.to(patches.dtype), patches)
-            for k in range(active.shape[1]):
-                rows = patches[active[:, k]]
-                self.sum_xx_act[k].addmm_(rows.T, rows)
+    @property
+    def neuron_groups(self) -> Tensor:
+        """The group of each measured neuron, ``(K,)``."""
+        return self.neurons // (self.n_pos.shape[0] // self.groups)
+
+    def _add(self, patches: Tensor, active: Tensor, w: Tensor) -> None:
+        """Add one piece to the shared sums and to the active sums of the measured
+        neurons, each from the patches of its group."""
+        super()._add(patches, active, w)
+        active = active[:, self.neurons.to(active.device)]
+        self.n_act += active.sum(0)
+        for k, group in enumerate(self.neuron_groups.tolist()):
+            rows = patches[:, group][active[:, k]]
+            self.sum_x_act[k] += rows.sum(0)
+            self.sum_xx_act[k].addmm_(rows.T, rows)
 
     def reshift(self, shift: Tensor) -> None:
-        delta = self.shift - shift
-        outer = self.sum_x_act[:, :, None] * delta[None, None, :]
+        delta = (self.shift - shift).view(self.groups, -1)[self.neuron_groups]   # (K, D)
+        outer = self.sum_x_act[:, :, None] * delta[:, None, :]
         self.sum_xx_act += outer + outer.transpose(1, 2) \
-            + self.n_act[:, None, None] * torch.outer(delta, delta)
+            + self.n_act[:, None, None] * delta[:, :, None] * delta[:, None, :]
         self.sum_x_act += self.n_act[:, None] * delta
         super().reshift(shift)
 
@@ -354,30 +410,30 @@ class _Covariances:
     """Population covariances of one layer (see the module docstring for the names)."""
 
     n: int
-    sigma_x: Tensor      # (D, D)
-    mean_x: Tensor       # (D,)  mean of x - shift
-    shift: Tensor        # (D,)
+    sigma_x: Tensor      # (G, D, D)
+    mean_x: Tensor       # (G, D)  mean of x - shift
     n_pos: Tensor        # (J,)  samples with z > 0
     mean_pos: Tensor     # (J,)  E[y_+]
     mean_neg: Tensor     # (J,)  E[y_-]
     var_pos: Tensor      # (J,)
     var_neg: Tensor      # (J,)
     cov_pos_neg: Tensor  # (J,)  -E[y_+] E[y_-]
-    c_pos: Tensor        # (J, D) cov(x, y_+)
+    c_pos: Tensor        # (J, D) cov(x, y_+), x the inputs of the neuron's group
 
     @classmethod
     def of(cls, m: LayerMoments) -> "_Covariances":
         n = float(m.n)
-        mean_x = m.sum_x / n
-        sigma = (m.sum_xx / n).addr_(mean_x, mean_x, alpha=-1)  # one D x D copy
+        mean_x = m.grouped("sum_x") / n
+        sigma = (m.grouped("sum_xx") / n).baddbmm_(mean_x[:, :, None], mean_x[:, None, :],
+                                                   alpha=-1)  # one copy of the sums
         mean_pos, mean_neg = m.sum_y_pos / n, m.sum_y_neg / n
         return cls(
-            n=int(m.n), sigma_x=sigma, mean_x=mean_x, shift=m.shift, n_pos=m.n_pos,
+            n=int(m.n), sigma_x=sigma, mean_x=mean_x, n_pos=m.n_pos,
             mean_pos=mean_pos, mean_neg=mean_neg,
             var_pos=m.sum_y_pos2 / n - mean_pos ** 2,
             var_neg=m.sum_y_neg2 / n - mean_neg ** 2,
             cov_pos_neg=-mean_pos * mean_neg,
-            c_pos=m.sum_xy_pos / n - torch.outer(mean_pos, mean_x),
+            c_pos=m.sum_xy_pos / n - mean_pos[:, None] * per_neuron(mean_x, m.n_pos.shape[0]),
         )
 
 
@@ -386,61 +442,59 @@ class _Covariances:
 # ----------------------------------------------------------------------------------
 @dataclass
 class _Whitening:
-    """``Sigma_f^-1/2`` through the Cholesky factor of ``Sigma_f = Sigma_x + jitter I``.
+    """``Sigma_f^-1/2`` through the Cholesky factors of ``Sigma_f = Sigma + jitter I``, for
+    a batch of covariances ``(B, D, D)`` (one per group of a layer, or one per neuron).
 
-    ``jitter = rtol * lambda_max + ridge * trace(Sigma_x) / D``: the first term is a
-    floor under the eigenvalues (directions in which the inputs are constant get a tiny
-    variance instead of none), the second the optional Tikhonov term. If round-off still
-    leaves ``Sigma_f`` indefinite the jitter is raised tenfold, with a warning.
+    ``jitter = rtol * lambda_max + ridge * trace(Sigma) / D`` per matrix: the first term
+    is a floor under the eigenvalues (directions in which the inputs are constant get a
+    tiny variance instead of none), the second the optional Tikhonov term. If round-off
+    still leaves ``Sigma_f`` indefinite its jitter is raised tenfold, with a warning. A
+    matrix of zeros (every input constant: every neuron on it is undefined) gets
+    ``Sigma_f = I``.
     """
 
-    factor: Tensor  # (D, D) lower triangular, Sigma_f = L L^T
-    jitter: float
+    factor: Tensor  # (B, D, D) lower triangular, Sigma_f = L L^T
+    jitter: Tensor  # (B,)
 
     @classmethod
     def of(cls, sigma: Tensor, ridge: float, rtol: float) -> "_Whitening":
-        dim = sigma.shape[0]
-        trace = float(sigma.diagonal().sum())
-        if trace <= 0:  # every input constant: every neuron is undefined
-            return cls(torch.eye(dim, dtype=sigma.dtype, device=sigma.device), 1.0)
-        jitter = rtol * _largest_eigenvalue(sigma) + ridge * trace / dim
+        dim = sigma.shape[-1]
+        trace = sigma.diagonal(dim1=1, dim2=2).sum(1)
+        jitter = rtol * _largest_eigenvalues(sigma) + ridge * trace / dim
+        jitter = torch.where(trace > 0, jitter, torch.ones_like(jitter))
         shifted = sigma.clone()
-        shifted.diagonal().add_(jitter)
+        diagonal = shifted.diagonal(dim1=1, dim2=2)
+        diagonal.add_(jitter[:, None])
         for _ in range(8):
             factor, info = torch.linalg.cholesky_ex(shifted)
-            if int(info) == 0:
+            bad = info != 0
+            if not bad.any():
                 return cls(factor, jitter)
-            shifted.diagonal().add_(9 * jitter)
-            jitter *= 10
-            warnings.warn(f"the input covariance is indefinite by round-off; raising its floor to "
-                          f"{jitter / trace:.1e} of its trace", RuntimeWarning, stacklevel=4)
-        raise RuntimeError("could not factorise the input covariance (is it finite?)")
+            diagonal.add_(torch.where(bad, 9 * jitter, torch.zeros_like(jitter))[:, None])
+            jitter = torch.where(bad, 10 * jitter, jitter)
+            worst = float((jitter / torch.where(trace > 0, trace, torch.ones_like(trace)))[bad].max())
+            warnings.warn(f"an input covariance is indefinite by round-off; raising its floor to "
+                          f"{worst:.1e} of its trace", RuntimeWarning, stacklevel=4)
+        raise RuntimeError("could not factorise an input covariance (is it finite?)")
 
-    def whiten(self, rows: Tensor) -> Tensor:
-        """``L^-1 u`` for every row ``u``: ``(..., D) -> (..., D)``; then
-        ``(L^-1 u)^T (L^-1 v) = u^T Sigma_f^-1 v``."""
-        flat = rows.reshape(-1, rows.shape[-1])
-        solved = torch.linalg.solve_triangular(self.factor, flat.T, upper=False)
-        return solved.T.reshape(rows.shape)
-
-    def variance_added(self, w: Tensor) -> Tensor:
-        """``w^T (Sigma_f - Sigma_x) w`` per row of ``w``."""
-        return self.jitter * (w * w).sum(1)
+    def whiten(self, rows: Tensor, batch: slice = slice(None)) -> Tensor:
+        """``L^-1 u`` for every row ``u`` of ``rows`` ``(b, m, D)``, row block ``i`` with
+        the factor ``batch`` of its matrix; then ``(L^-1 u)^T (L^-1 v) = u^T Sigma_f^-1 v``."""
+        return torch.linalg.solve_triangular(self.factor[batch], rows.mT, upper=False).mT
 
 
-def _largest_eigenvalue(sigma: Tensor, iterations: int = 30) -> float:
-    """An estimate of ``lambda_max`` of a PSD matrix (power iteration from a fixed start),
-    never below the largest diagonal entry or the mean eigenvalue."""
-    v = torch.ones(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
-    v[1::2] = 0.5  # not orthogonal to a dominant direction of alternating sign either
+def _largest_eigenvalues(sigma: Tensor, iterations: int = 30) -> Tensor:
+    """An estimate of ``lambda_max`` of each PSD matrix of a batch ``(B, D, D)`` (power
+    iteration from a fixed start), never below its largest diagonal entry or its mean
+    eigenvalue."""
+    v = torch.ones(sigma.shape[:2], dtype=sigma.dtype, device=sigma.device)
+    v[:, 1::2] = 0.5  # not orthogonal to a dominant direction of alternating sign either
     for _ in range(iterations):
-        v = sigma @ v
-        norm = v.norm()
-        if norm == 0:
-            break
-        v = v / norm
-    diagonal = sigma.diagonal()
-    return max(float(v @ sigma @ v), float(diagonal.max()), float(diagonal.mean()))
+        v = (sigma @ v[:, :, None])[:, :, 0]
+        v = v / v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+    rayleigh = (v[:, None, :] @ sigma @ v[:, :, None])[:, 0, 0]
+    diagonal = sigma.diagonal(dim1=1, dim2=2)
+    return torch.maximum(rayleigh, torch.maximum(diagonal.max(1).values, diagonal.mean(1)))
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:
@@ -526,6 +580,9 @@ def rho_from_moments(moments: LayerMoments, weight: Tensor,
                      rtol: float = 1e-12) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``rho`` of every neuron of one layer, for every estimator, in closed form.
 
+    A layer of several groups is solved group by group, each group's neurons against
+    its own input covariance (batched over the groups).
+
     Parameters
     ----------
     moments : LayerMoments
@@ -550,25 +607,52 @@ def rho_from_moments(moments: LayerMoments, weight: Tensor,
     whitening = _Whitening.of(cov.sigma_x, ridge, rtol)
     w_all = _rows(weight).to(cov.sigma_x.device)
     j, dim = w_all.shape
-    block = max(1, NEURON_BLOCK_ELEMENTS // dim)
     rho = {name: [] for name in patterns}
     defined = {name: [] for name in patterns}
-    for start in range(0, j, block):
-        rows = slice(start, start + block)
-        r, ok = _rho_block(cov, whitening, w_all[rows], rows, patterns, rtol)
+    for groups, rows in _neuron_blocks(cov.sigma_x.shape[0], j, dim):
+        r, ok = _rho_block(cov, whitening, groups, w_all[rows], rows, patterns, rtol)
         for name in patterns:
             rho[name].append(r[name].cpu())
             defined[name].append(ok[name].cpu())
     return {k: torch.cat(v) for k, v in rho.items()}, {k: torch.cat(v) for k, v in defined.items()}
 
 
-def _rho_block(cov: _Covariances, whitening: _Whitening, w: Tensor, rows: slice,
+def _neuron_blocks(groups: int, neurons: int, dim: int):
+    """``(groups, rows)`` slices that cut the neurons into blocks of about
+    :data:`NEURON_BLOCK_ELEMENTS` numbers (``J x D``): whole groups together, or the
+    neurons of one large group in pieces."""
+    per_group = neurons // groups
+    size = max(1, NEURON_BLOCK_ELEMENTS // dim)
+    if per_group <= size:
+        step = size // per_group
+        for first in range(0, groups, step):
+            last = min(first + step, groups)
+            yield slice(first, last), slice(first * per_group, last * per_group)
+        return
+    for group in range(groups):
+        for start in range(0, per_group, size):
+            yield (slice(group, group + 1),
+                   slice(group * per_group + start, group * per_group + min(start + size, per_group)))
+
+
+def _rho_block(cov: _Covariances, whitening: _Whitening, groups: slice, w: Tensor, rows: slice,
                patterns: dict[str, tuple[Tensor, Tensor]], rtol: float):
-    """``rho`` of the neurons ``rows`` (one block) for every estimator."""
-    c_y = w @ cov.sigma_x                                  # cov(x, y) = Sigma_x w
+    """``rho`` of the neurons ``rows`` (one block, the same number from each of the
+    ``groups``) for every estimator."""
+    count = groups.stop - groups.start
+    per_group = w.shape[0] // count
+
+    def whiten(t: Tensor) -> Tensor:  # (B, ..., D), the neurons in group order
+        return whitening.whiten(t.reshape(count, -1, t.shape[-1]), groups).reshape(t.shape)
+
+    def each(t: Tensor) -> Tensor:    # one value per group -> one per neuron
+        return t.repeat_interleave(per_group)
+
+    sigma = cov.sigma_x[groups]
+    c_y = (w.reshape(count, per_group, -1) @ sigma).reshape(w.shape)   # cov(x, y) = Sigma_x w
     var_y = (c_y * w).sum(1)
-    var_f = var_y + whitening.variance_added(w)            # w^T Sigma_f w
-    trace_x = cov.sigma_x.diagonal().sum()
+    var_f = var_y + each(whitening.jitter[groups]) * (w * w).sum(1)   # w^T Sigma_f w
+    trace_x = each(sigma.diagonal(dim1=1, dim2=2).sum(1))
     y_constant = var_y <= ZERO_VARIANCE_RTOL * (w * w).sum(1) * trace_x
     # y_+ = y for a neuron that is always active, y_+ = 0 for one never active: there the
     # estimator is linear-type with a = a_+ (resp. a_-), and c_+ is known exactly
@@ -577,7 +661,7 @@ def _rho_block(cov: _Covariances, whitening: _Whitening, w: Tensor, rows: slice,
     c_pos = torch.where(always[:, None], c_y, cov.c_pos[rows])
     c_pos = torch.where(never[:, None], torch.zeros_like(c_pos), c_pos)
     var_pos = torch.where(never, torch.zeros_like(var_y), cov.var_pos[rows])
-    c_pos_white = whitening.whiten(c_pos)
+    c_pos_white = whiten(c_pos)
     s = var_pos - (c_pos_white ** 2).sum(1)
     s = torch.maximum(s, rtol * var_pos).clamp(min=torch.finfo(s.dtype).tiny)
     cov_y = torch.stack([torch.stack([cov.var_pos[rows], cov.cov_pos_neg[rows]], 1),
@@ -586,8 +670,8 @@ def _rho_block(cov: _Covariances, whitening: _Whitening, w: Tensor, rows: slice,
     rho, defined = {}, {}
     for name, (a_pos, a_neg) in patterns.items():
         linear_type = a_pos is a_neg
-        a = torch.stack([_rows(a_pos)[rows].to(w.device), _rows(a_neg)[rows].to(w.device)], 1)
-        a_white = whitening.whiten(a[:, :1] if linear_type else a)
+        a = torch.stack([_block_rows(a_pos, rows, w), _block_rows(a_neg, rows, w)], 1)
+        a_white = whiten(a[:, :1] if linear_type else a)
         gram_a = _gram(a_white, a_white)
         w_dot_a = (a @ w[:, :, None])[:, :, 0]
         kappa = 1 - w_dot_a
@@ -609,6 +693,12 @@ def _rho_block(cov: _Covariances, whitening: _Whitening, w: Tensor, rows: slice,
         rho[name] = torch.where(ok, value, torch.full_like(value, math.nan))
         defined[name] = ok
     return rho, defined
+
+
+def _block_rows(pattern: Tensor, rows: slice, like: Tensor) -> Tensor:
+    """The rows ``rows`` of a weight-shaped pattern, float64 on ``like``'s device (only
+    the block is converted)."""
+    return pattern.detach().reshape(pattern.shape[0], -1)[rows].to(like.device, torch.float64)
 
 
 def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
@@ -643,14 +733,14 @@ def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
     w = _rows(weight).to(sigma.device)[index.to(sigma.device)]
     var_y = ((w[:, None, :] @ sigma @ w[:, :, None])[:, 0, 0])
     trace_x = sigma.diagonal(dim1=1, dim2=2).sum(1)
-    factor, jitter = _batched_cholesky(sigma, ridge, rtol)
-    var_f = var_y + jitter * (w * w).sum(1)
+    whitening = _Whitening.of(sigma, ridge, rtol)
+    var_f = var_y + whitening.jitter * (w * w).sum(1)
     enough = n > dim + 1
     y_constant = var_y <= ZERO_VARIANCE_RTOL * (w * w).sum(1) * trace_x
     rho, defined = {}, {}
     for name, (a_pos, _) in patterns.items():
         a = _rows(a_pos).to(sigma.device)[index.to(sigma.device)]
-        a_white = torch.linalg.solve_triangular(factor, a[:, :, None], upper=False)[:, :, 0]
+        a_white = whitening.whiten(a[:, None, :])[:, 0]
         gram = (a_white * a_white).sum(1)
         w_dot_a = (a * w).sum(1)
         kappa = 1 - w_dot_a
@@ -668,31 +758,6 @@ def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
         mask[index] = ok.cpu()
         rho[name], defined[name] = full, mask
     return rho, defined
-
-
-def _batched_cholesky(sigma: Tensor, ridge: float, rtol: float) -> tuple[Tensor, Tensor]:
-    """Cholesky factors of ``Sigma_k + jitter_k I`` for a batch ``(K, D, D)``, with the
-    floor and ridge of :class:`_Whitening` per matrix; returns ``(factors, jitter)``."""
-    k, dim = sigma.shape[0], sigma.shape[1]
-    trace = sigma.diagonal(dim1=1, dim2=2).sum(1)
-    v = torch.ones(k, dim, dtype=sigma.dtype, device=sigma.device)
-    v[:, 1::2] = 0.5
-    for _ in range(30):  # power iteration for lambda_max, as _largest_eigenvalue
-        v = (sigma @ v[:, :, None])[:, :, 0]
-        v = v / v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
-    rayleigh = (v[:, None, :] @ sigma @ v[:, :, None])[:, 0, 0]
-    diagonal = sigma.diagonal(dim1=1, dim2=2)
-    largest = torch.maximum(rayleigh, torch.maximum(diagonal.max(1).values, diagonal.mean(1)))
-    jitter = rtol * largest + ridge * trace / dim
-    jitter = torch.where(trace > 0, jitter, torch.ones_like(jitter))  # a neuron with no samples
-    eye = torch.eye(dim, dtype=sigma.dtype, device=sigma.device)
-    for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(sigma + jitter[:, None, None] * eye)
-        bad = info != 0
-        if not bad.any():
-            return factor, jitter
-        jitter = torch.where(bad, 10 * jitter, jitter)
-    raise RuntimeError("could not factorise an active-sample input covariance (is it finite?)")
 
 
 def _distractor_constant(trace_x: Tensor, a: Tensor, c: Tensor, cov_y: Tensor) -> Tensor:
@@ -735,6 +800,10 @@ class QualityResult:
     neurons : dict[str, Tensor]
         For the active regime, the indices of the neurons measured per layer (the others
         are NaN and not counted as undefined); empty for the all-samples regime.
+    skipped : dict[str, str]
+        Layers of the model that were not measured, with the reason (:data:`ONE_INPUT`:
+        a standalone BatchNorm, whose rho is undefined); they are not in ``layers``, and
+        :meth:`table` names them below its rows.
     """
 
     layers: list[str]
@@ -748,6 +817,7 @@ class QualityResult:
     seed: int = 0
     regime: str = "all"
     neurons: dict[str, Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def undefined(self, layer: str) -> int:
         """The number of measured neurons of ``layer`` left out of the mean (any estimator)."""
@@ -791,6 +861,9 @@ class QualityResult:
             False: wide columns and, last, the number of neurons left out of the mean
             (the report of ``toolkit quality``). True: narrow columns and, last, the
             level of :meth:`ideal_rho` -- a short table that stays stable when rounded.
+
+        Layers that were not measured (:attr:`skipped`) are named below the rows, one
+        line per reason.
         """
         if ideal:  # column widths: estimator, samples, D, last
             col, n_col, d_col, last_col = max(9, max(len(e) for e in self.estimators) + 2), 11, 6, 9
@@ -811,6 +884,9 @@ class QualityResult:
             tail = number(last[1][layer], last_col) if ideal else f"{last[1][layer]:>{last_col}}"
             lines.append(f"{layer:<{width}}{values}{samples.format(self.samples[layer])}"
                          f"{self.dims[layer]:>{d_col}}{tail}")
+        for reason in dict.fromkeys(self.skipped.values()):
+            names = [layer for layer, why in self.skipped.items() if why == reason]
+            lines.append(f"not measured ({reason}): {', '.join(names)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -841,8 +917,9 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
     """Stream ``data`` through ``model`` once and accumulate :class:`LayerMoments` per layer
     (with :func:`toolkit.streaming.stream`).
 
-    Returns the plan of the measured layers and their moments. See :func:`layer_quality`
-    for the parameters. ``accumulator(layer, device)``, if given, builds a layer's
+    Returns the plan of the measured layers and their moments (of every layer named,
+    also one of a single input per neuron, which :func:`layer_quality` skips). See
+    :func:`layer_quality` for the parameters. ``accumulator(layer, device)``, if given, builds a layer's
     accumulator instead (anything with ``update(layer, x, z)`` and ``all_reduce()``, e.g.
     :class:`ActiveLayerMoments`).
     """
@@ -851,11 +928,56 @@ def collect_moments(model: nn.Module, data, *, layers: Sequence[str] | None = No
     def moments(layer: Layer):
         if accumulator is not None:
             return accumulator(layer, target)
-        return LayerMoments.zeros(layer.weight()[0].numel(), layer.out_features, target)
+        return LayerMoments.zeros(inputs_per_neuron(layer), layer.out_features, target, layer.groups)
 
     result = stream(model, data, moments, desc="layer quality", device=device, max_batches=max_batches,
                     progress=progress, layers=layers, batch_size=batch_size, mask=mask)
     return result.plan, result.accumulators
+
+
+def inputs_per_neuron(layer: Layer) -> int:
+    """``D``, the inputs of one neuron of ``layer`` (the length of a weight row)."""
+    return math.prod(layer.weight_shape[1:])
+
+
+class _Unmeasured:
+    """The accumulator of a layer that is not measured: it keeps nothing."""
+
+    def update(self, layer, x, z, active=None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def all_reduce(self) -> None:
+        pass
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
+    def settings(self) -> dict:
+        return {"moments": "none"}
+
+
+def _measurable(accumulator, layers):
+    """``accumulator(layer, device)`` that keeps nothing for a layer of one input per
+    neuron (:data:`ONE_INPUT`), and refuses such a layer where ``layers`` names it."""
+    named = {layers} if isinstance(layers, str) else set(layers or ())
+
+    def build(layer: Layer, device):
+        if inputs_per_neuron(layer) == 1:
+            if layer.name in named:
+                raise UndefinedQualityError(f"layer {layer.name} has {ONE_INPUT}; leave it out of "
+                                            "layers= (by default such layers are skipped)")
+            return _Unmeasured()
+        if accumulator is not None:
+            return accumulator(layer, device)
+        return LayerMoments.zeros(inputs_per_neuron(layer), layer.out_features, device, layer.groups)
+
+    return build
 
 
 def _device(model: nn.Module, device) -> torch.device:
@@ -868,7 +990,11 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
                   progress: bool = True, seed: int = 0, ridge: float = 0.0, rtol: float = 1e-12,
                   batch_size: int = 64, regime: str = "all", neurons=None,
                   mask: str | None = None) -> QualityResult:
-    """Measure ``rho(S)`` of signal estimators for every Conv2d/Linear layer of ``model``.
+    """Measure ``rho(S)`` of signal estimators for every neuron layer of ``model``.
+
+    A layer whose neurons have one input each (a standalone BatchNorm) has no quality
+    (:data:`ONE_INPUT`): it is skipped, streamed at no cost and named in the result's
+    ``skipped``; naming it in ``layers`` raises :class:`UndefinedQualityError`.
 
     Parameters
     ----------
@@ -888,7 +1014,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         Any of :data:`toolkit.estimators.MEASURABLE`. ``"identity"`` raises
         :class:`toolkit.linear.UndefinedQualityError` (its distractor is 0).
     layers : sequence of str, optional
-        Names of the layers to measure (default all); the others cost nothing.
+        Names of the layers to measure (default all but the skipped ones); the others
+        cost nothing.
     device : torch.device or str, optional
         Where to compute (default: the model's device; otherwise a copy of the model is
         moved there).
@@ -924,12 +1051,18 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         raises ``ValueError``: choose fewer neurons there.
     mask : {"output", "relu_input"}, optional
         The activity mask of a layer not followed directly by a ReLU (residual
-        networks, :mod:`toolkit.residual`); default: the mask the patterns were fitted
-        with, else :data:`toolkit.residual.DEFAULT_MASK`.
+        networks, :mod:`toolkit.layers.activity`); default: the mask the patterns were fitted
+        with, else :data:`toolkit.layers.DEFAULT_MASK`.
 
     Returns
     -------
     QualityResult, or a dict of them for a mapping of patterns
+
+    Raises
+    ------
+    UndefinedQualityError
+        For the identity estimator, and for a layer of one input per neuron named in
+        ``layers``.
 
     Warns
     -----
@@ -948,7 +1081,7 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
         raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
     if neurons is not None and regime != "active":
         raise ValueError("neurons= chooses the neurons of the active regime; pass regime='active'")
-    accumulator = _active_accumulator(neurons, seed) if regime == "active" else None
+    accumulator = _measurable(_active_accumulator(neurons, seed) if regime == "active" else None, layers)
     if mask is None:  # the mask the patterns were fitted with
         masks = {getattr(p, "mask", None) for p in pattern_sets.values() if p is not None} - {None}
         mask = masks.pop() if len(masks) == 1 else None
@@ -958,8 +1091,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     for p in pattern_sets.values():
         if p is not None:
             p.check(model, plan)
-    few = [f"{layer.name} (n={int(moments[layer.name].n)}, D={moments[layer.name].dim})"
-           for layer in plan if moments[layer.name].n <= moments[layer.name].dim + 1]
+    measured = [(layer.name, moments[layer.name]) for layer in plan if inputs_per_neuron(layer) > 1]
+    few = [f"{name} (n={int(m.n)}, D={m.dim})" for name, m in measured if m.n <= m.dim + 1]
     if few and ridge == 0:
         warnings.warn(
             f"layers {', '.join(few)} have no more samples than inputs (n <= D + 1): the best "
@@ -972,26 +1105,30 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
 
 def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], regime: str,
               seed: int, ridge: float, rtol: float) -> QualityResult:
-    """``rho`` of every layer from its streamed moments, for one set of patterns."""
-    per_neuron, defined, mean, samples, dims, measured = {}, {}, {}, {}, {}, {}
+    """``rho`` of every layer from its streamed moments, for one set of patterns; a layer
+    of one input per neuron is skipped (:data:`ONE_INPUT`)."""
+    values, defined, mean, samples, dims, measured, skipped = {}, {}, {}, {}, {}, {}, {}
     for layer in plan:
+        if inputs_per_neuron(layer) == 1:
+            skipped[layer.name] = ONE_INPUT
+            continue
         weight = layer.weight().to(torch.float64)
         layer_patterns = patterns[layer.name] if patterns is not None else None
         directions = {name: estimator_directions(name, weight, layer_patterns, seed)
                       for name in estimators}
         m = moments[layer.name]
         if regime == "active":
-            per_neuron[layer.name], defined[layer.name] = rho_active_from_moments(
+            values[layer.name], defined[layer.name] = rho_active_from_moments(
                 m, weight, directions, ridge=ridge, rtol=rtol)
             measured[layer.name] = m.neurons.cpu()
         else:
-            per_neuron[layer.name], defined[layer.name] = rho_from_moments(
+            values[layer.name], defined[layer.name] = rho_from_moments(
                 m, weight, directions, ridge=ridge, rtol=rtol)
-        mean[layer.name] = {name: _masked_mean(per_neuron[layer.name][name], defined[layer.name][name])
+        mean[layer.name] = {name: _masked_mean(values[layer.name][name], defined[layer.name][name])
                             for name in estimators}
         samples[layer.name], dims[layer.name] = int(m.n), m.dim
-    return QualityResult(plan.names, estimators, per_neuron, defined, mean, samples, dims, ridge, seed,
-                         regime, measured)
+    return QualityResult(list(values), estimators, values, defined, mean, samples, dims, ridge, seed,
+                         regime, measured, skipped)
 
 
 def _chosen_neurons(layer: Layer, neurons, seed: int) -> Tensor:
@@ -1026,7 +1163,7 @@ def _active_accumulator(neurons, seed: int):
 
     def build(layer: Layer, device) -> ActiveLayerMoments:
         index = _chosen_neurons(layer, neurons, seed)
-        dim = layer.weight()[0].numel()
+        dim = inputs_per_neuron(layer)
         if index.numel() * dim * dim > ACTIVE_MOMENT_ELEMENTS:
             raise ValueError(
                 f"layer {layer.name}: the active regime needs {index.numel()} x {dim} x {dim} "
@@ -1034,7 +1171,7 @@ def _active_accumulator(neurons, seed: int):
                 f"{ACTIVE_MOMENT_ELEMENTS:,} numbers; measure fewer neurons there, e.g. "
                 f"neurons={max(1, ACTIVE_MOMENT_ELEMENTS // (dim * dim))} or "
                 f"neurons={{{layer.name!r}: [...]}}")
-        return ActiveLayerMoments.zeros(dim, layer.out_features, device, index)
+        return ActiveLayerMoments.zeros(dim, layer.out_features, device, index, layer.groups)
 
     return build
 
@@ -1051,8 +1188,8 @@ def active_regime_neurons(model: nn.Module, inputs: Tensor, layers: Sequence[str
 
     At most ``cap`` per layer and at most what fits into :data:`ACTIVE_MOMENT_ELEMENTS`
     float64 numbers (``K D^2``); layers where not even one neuron fits (VGG16's first
-    dense layer, ``D = 25088``) are left out of the result. Pass it as ``neurons=`` with
-    ``layers=list(result)``.
+    dense layer, ``D = 25088``) are left out of the result, and so are layers of one input
+    per neuron (:data:`ONE_INPUT`). Pass it as ``neurons=`` with ``layers=list(result)``.
 
     Parameters
     ----------
@@ -1060,7 +1197,7 @@ def active_regime_neurons(model: nn.Module, inputs: Tensor, layers: Sequence[str
     inputs : Tensor
         A batch the model takes (only its first sample is traced).
     layers : sequence of str
-        Names of Conv2d/Linear layers.
+        Names of neuron layers.
     cap : int
         The most neurons measured in any layer.
     """
@@ -1069,8 +1206,8 @@ def active_regime_neurons(model: nn.Module, inputs: Tensor, layers: Sequence[str
     counts = {}
     for layer in trace(model, inputs[:1]):
         if layer.name in layers:
-            dim = layer.weight()[0].numel()
+            dim = inputs_per_neuron(layer)
             fit = ACTIVE_MOMENT_ELEMENTS // (dim * dim)
-            if fit >= 1:
+            if fit >= 1 and dim > 1:
                 counts[layer.name] = min(cap, fit, layer.out_features)
     return counts

@@ -18,10 +18,12 @@ what differs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world
 from toolkit.fingerprint import fingerprint
-from toolkit.layers import Layer, Plan, evaluation_mode, trace
+from toolkit.layers import Layer, Plan, evaluation_mode, observe, trace
 from toolkit.memory import reuse_freed_memory
 
 CHECKPOINT_FORMAT = "patternnet-toolkit-checkpoint"
@@ -167,7 +169,7 @@ def select_layers(plan: Plan, layers) -> Plan:
     if unknown:
         raise ValueError(f"unknown layers {unknown}; the model's layers are {plan.names}")
     chosen = [layer for layer in plan if layer.name in set(layers)]
-    return Plan(chosen, plan.input_shape, plan.relu_calls, plan.forward_verified, plan.residual_modules)
+    return dataclasses.replace(plan, layers=chosen, _activities=plan.activities)
 
 
 # ----------------------------------------------------------------------------------
@@ -291,7 +293,6 @@ class _Run:
     images: int = 0
     data: BatchFingerprint | None = None
     mask: str = "output"
-    masks: object = None
 
 
 def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], *, desc: str,
@@ -325,7 +326,7 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
         Measure only these layers.
     mask : {"output", "relu_input"}, optional
         The activity mask of a layer whose output is not followed directly by a ReLU
-        (:mod:`toolkit.residual`; default :data:`toolkit.residual.DEFAULT_MASK`). The
+        (:mod:`toolkit.layers.activity`; default :data:`toolkit.layers.DEFAULT_MASK`). The
         accumulators get it as ``update(layer, x, z, active)``, ``active`` None where
         the layer's own ``z > 0`` is the mask.
     checkpoint : path, optional
@@ -343,7 +344,7 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
     device = same_device(torch.device(device), model_device) if device is not None else model_device
     if device != model_device:
         model = copy.deepcopy(model).to(device)
-    from toolkit.residual import DEFAULT_MASK, check_mask
+    from toolkit.layers import DEFAULT_MASK, check_mask
 
     run = _Run(device, model_fingerprint=fingerprint(model), data=BatchFingerprint(),
                mask=check_mask(DEFAULT_MASK if mask is None else mask))
@@ -414,22 +415,22 @@ def _begin(run: _Run, model, x: Tensor, accumulator, layers, ckpt: Checkpoint | 
     """Trace on the first batch, make the accumulators, resume from a checkpoint."""
     run.plan = _start(model, x, layers)
     run.sample_shape = tuple(x.shape[1:])
-    from toolkit.residual import ActivityMasks
-
     run.accumulators = {layer.name: accumulator(layer) for layer in run.plan}
     run.settings = {"mask": run.mask, **{name: acc.settings() for name, acc in run.accumulators.items()}}
-    run.masks = ActivityMasks(model, run.plan, run.mask)
+    if run.mask == "relu_input" and not run.plan.forward_verified:
+        warnings.warn("torch.fx cannot trace the model, so the activation after each layer is "
+                      "not known; every layer is masked by its own output z > 0 (for a network "
+                      "without additions that is the same mask)", RuntimeWarning, stacklevel=4)
     if ckpt is not None and ckpt.meta:
         ckpt.load(run)
         run.images = int(ckpt.meta.get("images", 0))
 
 
 def _observe(model: nn.Module, run: _Run, x: Tensor) -> None:
-    def observe(layer, layer_input, output, active):
+    def accumulate(layer, layer_input, output, active):
         run.accumulators[layer.name].update(layer, layer_input, output, active)
 
-    with run.masks.observe(model, observe):
-        model(x)
+    observe(model, run.plan, x, run.mask, run.plan.activities, accumulate)
     run.batches += 1
     run.images += x.shape[0]
 

@@ -164,7 +164,7 @@ def _error_html(error):
 
 
 def explorer(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=1.0, n=1000,
-             estimator="two_component", mean_y="global", seed=0):
+             estimator="two_component", mean_y="masked", seed=0):
     """Build the interactive toy explorer.
 
     Parameters
@@ -205,8 +205,8 @@ def explorer(signal_angle=0.0, distractor_angle=45.0, noise_mean=0.0, noise_std=
             options=[(_PLAIN_NAMES[name], name) for name in ESTIMATORS], value=estimator,
             description="estimator", **slider),
         "mean_y": widgets.Dropdown(
-            options=[("E[y] over all samples (authors)", "global"),
-                     ("E+[y] per side (seminar)", "masked")],
+            options=[("E+[y] per side (default, seminar)", "masked"),
+                     ("E[y] over all samples (authors)", "global")],
             value=mean_y, description="S_a+- uses", **slider),
     }
     image = widgets.Image(format="png", layout=widgets.Layout(width="420px"))

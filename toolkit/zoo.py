@@ -1,9 +1,10 @@
-"""Real image classifiers: torchvision's VGGs, AlexNet and ResNets, and weights from local files.
+"""Real image classifiers: torchvision's piecewise-linear classifiers, and weights from local files.
 
-The paper explains VGG16 trained on ImageNet. This module builds that network (and its
-relatives: every VGG from vgg11 to vgg19, with and without BatchNorm, AlexNet, and the
-residual networks resnet18, resnet34 and resnet50 -- see :mod:`toolkit.residual`)
-with one of three kinds of weights:
+The paper explains VGG16 trained on ImageNet. This module builds that network and every
+other torchvision classifier built only from neuron layers, ReLU-family activations,
+pooling and linear operations (:data:`TORCHVISION_FAMILIES`: 43 of torchvision's 80
+classifiers, from AlexNet and the VGGs to DenseNet, Inception, MobileNetV2, ShuffleNetV2
+and RegNet-X) with one of three kinds of weights:
 
 * ``weights="DEFAULT"`` (or a weight name such as ``"IMAGENET1K_V1"``): torchvision's
   pretrained ImageNet weights. They are read from torch's download cache
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "TORCHVISION_MODELS",
+    "TORCHVISION_FAMILIES",
+    "input_preprocessing",
     "WeightsNotFoundError",
     "torchvision_model",
     "weights_url",
@@ -42,15 +45,31 @@ __all__ = [
     "imagenet_categories",
 ]
 
-#: The torchvision classifiers built only from layers the toolkit supports.
-TORCHVISION_MODELS = (
-    "alexnet",
-    "vgg11", "vgg11_bn",
-    "vgg13", "vgg13_bn",
-    "vgg16", "vgg16_bn",
-    "vgg19", "vgg19_bn",
-    "resnet18", "resnet34", "resnet50",
-)
+#: The torchvision classifiers built only from what the toolkit supports, by family.
+#: The other 37 classifiers of torchvision 0.29 use SiLU, Hardswish, GELU, LayerNorm,
+#: attention or sigmoid gates, which the explanation rules do not cover (README).
+TORCHVISION_FAMILIES = {
+    "AlexNet": ("alexnet",),
+    "VGG": ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"),
+    "ResNet": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "Wide ResNet": ("wide_resnet50_2", "wide_resnet101_2"),
+    "ResNeXt": ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d"),
+    "RegNet-X": ("regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
+                 "regnet_x_16gf", "regnet_x_32gf"),
+    "DenseNet": ("densenet121", "densenet161", "densenet169", "densenet201"),
+    "GoogLeNet": ("googlenet",),
+    "Inception": ("inception_v3",),
+    "MobileNetV2": ("mobilenet_v2",),
+    "MNASNet": ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3"),
+    "ShuffleNetV2": ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"),
+    "SqueezeNet": ("squeezenet1_0", "squeezenet1_1"),
+}
+#: Every supported torchvision classifier, by name.
+TORCHVISION_MODELS = tuple(name for names in TORCHVISION_FAMILIES.values() for name in names)
+#: Models whose pretrained weights expect the input normalised to [-1, 1] (torchvision
+#: builds them with ``transform_input=True``, an offset inside the model; the toolkit
+#: builds them without it and normalises the input that way instead: the same network).
+_HALF_NORMALISED = ("googlenet", "inception_v3")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -170,6 +189,21 @@ def _is_weight_name(name: str, weights) -> bool:
     from torchvision.models import get_model_weights
 
     return weights in get_model_weights(name).__members__ or weights.isupper()
+
+
+def input_preprocessing(name: str) -> dict:
+    """How the torchvision model ``name`` wants its images: ``resize`` (shorter side),
+    ``crop``, ``mean`` and ``std``, from torchvision's weights entry (Inception v3 takes
+    299 x 299 crops); GoogLeNet and Inception v3, built here without their internal
+    input transform, take images normalised to [-1, 1] (mean and std 0.5)."""
+    from torchvision.models import get_model_weights
+
+    _check_name(name)
+    transforms = get_model_weights(name).DEFAULT.transforms()
+    half = name in _HALF_NORMALISED
+    return {"resize": int(transforms.resize_size[0]), "crop": int(transforms.crop_size[0]),
+            "mean": (0.5, 0.5, 0.5) if half else tuple(transforms.mean),
+            "std": (0.5, 0.5, 0.5) if half else tuple(transforms.std)}
 
 
 def imagenet_categories() -> list[str]:

@@ -223,7 +223,7 @@ def plot_perturbation(curves: Mapping[str, object], ax=None, title: str | None =
                 **style)
     first = next(iter(curves.values()))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(f"perturbed regions ({first.patch}x{first.patch} pixels)")
+    ax.set_xlabel(f"perturbed regions ({first.region_label})")
     ax.set_ylabel("probability of the initial class")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)

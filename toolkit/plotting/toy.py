@@ -13,6 +13,9 @@ nothing calls ``plt.show``.
   while the learned pattern stays on the signal.
 * :func:`plot_estimator_comparison` -- signal, distractor and attribution of each
   estimator side by side, with ``rho(S)`` in the titles.
+* :func:`plot_root_points` -- deep Taylor decomposition of one neuron: a sample, the
+  neuron's boundary, and the root points of several estimators with the vector
+  ``x - x0`` that each one distributes.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ __all__ = [
     "plot_exploration",
     "plot_filter_follows_distractor",
     "plot_estimator_comparison",
+    "plot_root_points",
 ]
 
 ESTIMATOR_LABELS = {name: ESTIMATORS[name].label for name in linear.ESTIMATORS}
@@ -375,3 +379,73 @@ def plot_estimator_comparison(exploration, names=("identity", "filter", "linear"
         loc="outside lower center", ncols=3, fontsize="small",
     )
     return figure, axes
+
+
+#: Colours of the root points of :func:`plot_root_points`, in the order they are given.
+ROOT_COLORS = ("#7b3294", "#1f78b4", "#d62728", "#e08214")
+
+
+def plot_root_points(ax, x, y, w, sample, roots, bias=0.0, a_s=None, a_d=None, title=None,
+                     legend=True, max_points=400):
+    """Deep Taylor decomposition of one neuron ``z = w^T x + b`` in the plane.
+
+    Draws the toy panel (:func:`plot_toy_panel`), the neuron's boundary ``w^T x + b = 0``
+    (solid black), the explained ``sample`` (a star) and, for every root point ``x0``,
+    a dot on it and an arrow from it to the sample: the vector ``x - x0`` whose
+    elementwise product with ``w`` deep Taylor decomposition distributes over the inputs
+    (docs/math.md, section 7).
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+    x : ndarray, shape (n, 2)
+    y : ndarray, shape (n,)
+    w : ndarray, shape (2,)
+    sample : ndarray, shape (2,)
+        The explained input.
+    roots : dict[str, ndarray]
+        Root points by label, each of shape (2,); drawn in the colours of
+        :data:`ROOT_COLORS` (at most four).
+    bias : float
+        The neuron's bias ``b``.
+    a_s, a_d : ndarray, shape (2,), optional
+        True signal and distractor directions, passed to :func:`plot_toy_panel`.
+    title : str, optional
+    legend : bool
+    max_points : int or None
+        Draw at most this many samples.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        ``ax``.
+    """
+    w = np.asarray(w, dtype=float)
+    sample = np.asarray(sample, dtype=float)
+    points = {label: np.asarray(point, dtype=float) for label, point in roots.items()}
+    if w.shape != (2,) or sample.shape != (2,) or any(p.shape != (2,) for p in points.values()):
+        raise ValueError("plot_root_points draws one neuron in the plane: w, sample and every "
+                         "root point must have shape (2,)")
+    if not np.any(w):
+        raise ValueError("w is zero: the neuron has no boundary")
+    if len(points) > len(ROOT_COLORS):
+        raise ValueError(f"at most {len(ROOT_COLORS)} root points, got {len(points)}")
+    plot_toy_panel(ax, x, y, w, a_s=a_s, a_d=a_d, title=title, legend=False,
+                   max_points=max_points)
+    nearest = -bias * w / (w @ w)  # the boundary's point nearest to 0; w turned by 90° runs along it
+    ax.axline(tuple(nearest), tuple(nearest + [-w[1], w[0]]), color="black", lw=1.2, zorder=2)
+    handles = [_legend_handle(COLORS[key], label, key) for key, label, vector in (
+        ("a_s", "signal $a_s$", a_s), ("a_d", "distractor $a_d$", a_d)) if vector is not None]
+    handles += [_legend_handle(COLORS["w"], "filter $w$", "w"),
+                Line2D([], [], color="black", lw=1.2, label=r"boundary $w^\top x + b = 0$")]
+    for (label, point), color in zip(points.items(), ROOT_COLORS):
+        ax.annotate("", xy=tuple(sample), xytext=tuple(point), annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=1.8, shrinkA=0, shrinkB=4,
+                                    mutation_scale=12))
+        ax.plot(*point, "o", color=color, ms=7, mec="white", zorder=4)
+        handles.append(Line2D([], [], color=color, marker="o", lw=1.8, label=label))
+    ax.plot(*sample, "*", color="black", ms=14, mec="white", zorder=5)
+    handles.append(Line2D([], [], ls="", marker="*", ms=11, color="black", label="sample $x$"))
+    if legend:
+        ax.legend(handles=handles, loc="upper left", fontsize="small", framealpha=0.85)
+    return ax
