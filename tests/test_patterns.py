@@ -32,8 +32,8 @@ from _nets import (batches, conv_net, fold_batchnorm, images, layer_inputs_outpu
                    position_rows)
 from toolkit.layers import UnsupportedLayerError, trace
 from toolkit.linear import LinearEstimator, TwoComponentEstimator, fit_filter, make_data
-from toolkit.patterns import (CheckpointMismatchError, PatternMismatchError, Patterns, Statistics,
-                              estimate_patterns, fingerprint, fit_patterns)
+from toolkit.patterns import (CheckpointMismatchError, PatternFileError, PatternMismatchError, Patterns,
+                              Statistics, estimate_patterns, fingerprint, fit_patterns)
 
 KINDS = ("linear", "positive", "negative")
 
@@ -516,6 +516,70 @@ def test_the_solve_in_blocks_equals_the_solve_at_once(monkeypatch):
     blocks = Patterns.from_statistics(plan, whole.statistics, whole.fingerprint)
     assert_identical(blocks, whole)
     assert blocks.counts == whole.counts
+
+
+def grouped_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    """An ordinary, a grouped and a depthwise convolution, a standalone BatchNorm (one
+    input per neuron) and a Linear layer, float64, with its batches."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5)).double().eval()
+    with torch.no_grad():
+        model[6].running_mean.uniform_(-0.2, 0.2)
+        model[6].running_var.uniform_(0.5, 2.0)
+    return model, list(torch.randn(48, 4, 6, 6, dtype=torch.float64).split(12))
+
+
+def conv1d_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv1d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 6, 3, groups=3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 14, 4)).double().eval()
+    return model, list((torch.randn(40, 3, 16, dtype=torch.float64) + 0.5).split(10))
+
+
+@pytest.mark.parametrize("make", [grouped_net, conv1d_net], ids=["grouped", "conv1d"])
+@pytest.mark.parametrize("mean_y", ["masked", "global"])
+def test_groups_and_side_shifts_solve_in_blocks_save_and_load(make, mean_y, tmp_path, monkeypatch):
+    """Grouped and depthwise convolutions, a BatchNorm of one input per neuron, Conv1d,
+    and the side shifts of mean_y="masked": the solve in blocks of one neuron gives the
+    patterns of the solve at once; a file with the statistics gives back every sum
+    (the groups' input sums and the side shifts included) and the same patterns, and the
+    patterns recomputed with the other convention from the file equal those from memory."""
+    import toolkit.patterns as module
+
+    model, data = make()
+    kept = fit(model, data, mean_y=mean_y, keep_statistics=True)
+    lean = fit(model, data, mean_y=mean_y)
+    assert_identical(lean, kept)
+    assert all(("shift_y.y_pos" in s.tensors_) == (mean_y == "masked") for s in kept.statistics.values())
+    path = tmp_path / "p.safetensors"
+    kept.save(path, statistics=True)
+    loaded = Patterns.load(path, model)
+    assert_identical(loaded, kept)
+    for name, stats in kept.statistics.items():
+        assert stats.tensors().keys() == loaded.statistics[name].tensors().keys()
+        for key, t in stats.tensors().items():
+            assert torch.equal(loaded.statistics[name][key], t), (name, key)
+    plan = trace(model, data[0])
+    other = "global" if mean_y == "masked" else "masked"
+    from_memory = Patterns.from_statistics(plan, kept.statistics, kept.fingerprint, other)
+    monkeypatch.setattr(module, "SOLVE_BLOCK_ELEMENTS", 1)  # one neuron at a time
+    from_file = Patterns.from_statistics(plan, loaded.statistics, loaded.fingerprint, other, keep=False)
+    assert_identical(from_file, from_memory)
+    assert from_file.counts == from_memory.counts and loaded.statistics == {}
+    # a file whose input sums are of another number of groups is refused, naming a tensor
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    grouped = plan.names[1]
+    with safe_open(str(path), framework="pt") as f:
+        metadata, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    stored[f"{grouped}/stats/x.ones"] = stored[f"{grouped}/stats/x.ones"][:1].contiguous()
+    save_file(stored, str(tmp_path / "forged.safetensors"), metadata=metadata)
+    with pytest.raises(PatternFileError, match=rf"forged.safetensors: the tensor '{grouped}/stats/shift_x' has shape"):
+        Patterns.load(tmp_path / "forged.safetensors")
 
 
 #: The statistics version 1 stored per layer: plain (unshifted) sums.
