@@ -26,8 +26,12 @@ def import_graph() -> dict[str, set[str]]:
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+                # ``from package import submodule`` reads the submodule, as
+                # ``from package.submodule import name`` does, not the package's other names
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+                found.update(names)
+                if not all(n in modules for n in names):
+                    found.add(node.module)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
         graph[name] = {m for m in found if m in modules and m != name}
@@ -70,6 +74,10 @@ def test_the_import_graph_is_read():
     assert "toolkit.fingerprint" in graph["toolkit.streaming"]
     assert "toolkit.fingerprint" in graph["toolkit.patterns"]
     assert "toolkit.streaming" in graph["toolkit.patterns"]
+    # ``from toolkit.layers import operations``: the submodule, not the package
+    assert "toolkit.layers.operations" in graph["toolkit.layers.tracing"]
+    assert "toolkit.layers" not in graph["toolkit.layers.tracing"]
+    assert "toolkit.layers" in graph["toolkit.patterns"]  # Layer, Plan: names of the package
 
 
 def test_no_import_circles():
