@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 matplotlib.use("Agg")
@@ -120,6 +121,21 @@ def test_explain_writes_one_figure_per_image(workspace, fitted, tmp_path, capsys
     assert [f.stem for f in figures] == sorted(p.stem for p in images.iterdir())
     assert all(f.read_bytes()[:8] == PNG for f in figures)
     assert capsys.readouterr().out.count("-> ") == 3
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2"])
+def test_a_torchvision_family_beyond_vgg_is_fitted_and_explained(workspace, tmp_path, name, capsys):
+    """The CLI takes the new families by name (random weights, 32 x 32 crops)."""
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(name, weights=None).state_dict(), tmp_path / "w.pt")
+    model = ["--model", name, "--weights", str(tmp_path / "w.pt"), "--resize", "36", "--crop", "32"]
+    out = tmp_path / f"{name}.patterns.safetensors"
+    assert main(["fit", *model, "--workers", "0", "--data", str(workspace / "imagenet"), "--max-images", "6", "--batch-size", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    images = workspace / "imagenet" / "val" / CLASSES[0]
+    assert main(["explain", *model, "--patterns", str(out), "--method", "patternattribution", "--kind",
+                 "linear", str(images), "--out", str(tmp_path / "figures")]) == 0
+    assert len(list((tmp_path / "figures").glob("*.png"))) == len(list(images.iterdir()))
 
 
 def test_perturbation_prints_aopc_and_draws_curves(workspace, fitted, tmp_path, capsys):
