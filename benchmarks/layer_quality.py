@@ -69,9 +69,8 @@ def main() -> None:
 
     with Stopwatch(device) as fit_time:
         patterns = fit_patterns(model, torch.split(fit_x, args.batch), device=device, progress=False)
-    # keep only what the measurement needs: the statistics behind the patterns, and the
-    # patterns of skipped layers, can be gigabytes (VGG's first dense layer)
-    patterns.statistics.clear()
+    # keep only what the measurement needs: the patterns of skipped layers can be a
+    # gigabyte (VGG's first dense layer); the fit has freed its statistics itself
     for name in skipped:
         del patterns.layers[name]
 

@@ -94,8 +94,8 @@ def fit_conv_net(rank: int, world: int, out: Path) -> None:
 
     model = conv_net()
     patterns = fit_patterns(model, batches(), progress=False, checkpoint=out / "dealt.ckpt",
-                            checkpoint_every=2)
-    patterns.save(out / f"dealt.rank{rank}.safetensors")
+                            checkpoint_every=2, keep_statistics=True)
+    patterns.save(out / f"dealt.rank{rank}.safetensors", statistics=True)
     # the finished checkpoints, reused with the same data and with other data
     again = fit_patterns(model, batches(), progress=False, checkpoint=out / "dealt.ckpt")
     again.save(out / f"resumed.rank{rank}.safetensors")
@@ -106,7 +106,8 @@ def fit_conv_net(rank: int, world: int, out: Path) -> None:
     dataset = TensorDataset(images(N_IMAGES))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
-    fit_patterns(model, loader, progress=False).save(out / f"sampled.rank{rank}.safetensors")
+    fit_patterns(model, loader, progress=False, keep_statistics=True).save(
+        out / f"sampled.rank{rank}.safetensors", statistics=True)
 
     (out / f"starved.rank{rank}.txt").write_text(error_of(lambda: fit_patterns(
         model, batches()[:1], progress=False)))

@@ -82,7 +82,8 @@ def test_fit_writes_patterns_of_the_model(workspace, fitted, capsys):
     patterns = Patterns.load(fitted, model)  # checks the fingerprint
     assert patterns.names == ["features.0", "features.2", "features.5", "features.7",
                               "classifier.1", "classifier.3"]
-    assert int(patterns.statistics["classifier.3"].n) == 15  # the 15 training images
+    assert patterns["classifier.3"].n == 15  # the 15 training images
+    assert patterns.statistics == {} and patterns.dtype == torch.float64  # the patterns alone, --dtype
 
 
 def test_fit_on_a_tensor_file_equals_fit_patterns(tmp_path):
@@ -162,7 +163,7 @@ def test_two_process_torchrun_fit_equals_one_process(workspace, fitted, tmp_path
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "toolkit.cli", *_fit_args(workspace, out), "--device", "cpu",
-               "--checkpoint", str(checkpoint)]
+               "--checkpoint", str(checkpoint), "--statistics"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "in 2 processes" in done.stderr
@@ -170,14 +171,17 @@ def test_two_process_torchrun_fit_equals_one_process(workspace, fitted, tmp_path
 
     from safetensors.torch import load_file
 
-    one, two = load_file(str(fitted)), load_file(str(out))
-    assert one.keys() == two.keys()
+    with_statistics = tmp_path / "one.safetensors"
+    assert main([*_fit_args(workspace, with_statistics), "--statistics"]) == 0
+    one, two = load_file(str(with_statistics)), load_file(str(out))
+    assert one.keys() == two.keys() and any("/stats/" in key for key in one)
+    assert load_file(str(fitted)).keys() == {key for key in one if "/stats/" not in key}
     for key in one:
         if "/stats/" not in key:  # the patterns
             torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-10, msg=key)
     # the sums are stored relative to the first batch's means, which differ with the
     # sharding: compare the plain sums they stand for
-    one, two = Patterns.load(fitted), Patterns.load(out)
+    one, two = Patterns.load(with_statistics), Patterns.load(out)
     for name in one.names:
         plain_one, plain_two = one.statistics[name].unshifted(), two.statistics[name].unshifted()
         for key, t in plain_one.items():

@@ -159,6 +159,24 @@ def test_bad_image_file(ws, capsys, kind):
     _one_line_error(capsys, "explain", str(bad))
 
 
+@pytest.mark.parametrize("workers", ["0", "4"])
+def test_a_corrupt_image_in_a_folder_is_one_line_whatever_the_workers(ws, tmp_path, capsys, workers):
+    """The image is named in one line, also when a worker process read it (not the
+    worker's traceback folded into the message)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes((ws / "img.png").read_bytes())
+    (folder / "3.png").write_bytes((ws / "truncated-img.png").read_bytes())
+    assert main(["fit", *_model(ws), "--data", str(folder), "--workers", workers, "--batch-size", "2",
+                 "--quiet", "--out", str(tmp_path / "p.safetensors"), *IMAGE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("toolkit fit: error: ")]
+    assert len(errors) == 1 and errors == err[-1:], err
+    assert f"cannot read the image {folder / '3.png'}" in errors[0] and "Traceback" not in errors[0]
+    assert "worker" not in errors[0] and len(errors[0]) < 300, errors[0]
+
+
 # ----------------------------------------------------------------------------------
 # outputs are checked before the work
 # ----------------------------------------------------------------------------------

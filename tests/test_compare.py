@@ -310,7 +310,10 @@ def test_regime_table_and_mean_y(net, patterns, images):
     with pytest.raises(ValueError, match="different regimes"):
         merge_quality(everything, active)
     assert patterns.mean_y == "masked"  # the default
-    authors = compare.with_mean_y(net, patterns, "global", images)
+    with pytest.raises(ValueError, match=r"no statistics.*keep_statistics=True"):
+        compare.with_mean_y(net, patterns, "global", images)  # the fit freed them
+    kept = fit_patterns(net, torch.split(images, 20), progress=False, keep_statistics=True)
+    authors = compare.with_mean_y(net, kept, "global", images)
     assert authors.mean_y == "global"
     torch.testing.assert_close(authors["0"].linear, patterns["0"].linear)
     assert not torch.allclose(authors["0"].positive, patterns["0"].positive)

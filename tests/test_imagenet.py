@@ -1,4 +1,6 @@
 """Reading ImageNet-style folders and image files, on tiny trees of generated JPEGs."""
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from toolkit.imagenet import (
     LayoutError,
     Preprocessing,
     ShardSampler,
+    decode_batch,
+    decode_image,
     denormalize,
     image_dataset,
     imagenet,
@@ -22,6 +26,7 @@ from toolkit.imagenet import (
     make_loader,
     photo_crops,
     read_images,
+    rgb_array,
 )
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]
@@ -74,6 +79,65 @@ def test_grey_png_and_rgba_images_become_three_channels(tmp_path):
     Image.fromarray(np.full((40, 40, 4), 90, np.uint8)).save(tmp_path / "rgba.png")
     images, names = read_images(tmp_path, SMALL)
     assert images.shape == (2, 3, 32, 32) and names == ["grey.png", "rgba.png"]
+
+
+def _png(path: Path, array: np.ndarray, color_type: int) -> Path:
+    """A 16-bit PNG written byte by byte (PNG specification: IHDR, one zlib IDAT of
+    filter-0 rows of big-endian samples, IEND), independent of Pillow's writer."""
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+    """Greyscale: Pillow alone would clip every value above 255 to white; each 16-bit
+    value v must read as v >> 8 (the top byte), on every path that decodes a PNG."""
+    grey = np.arange(0, 65536, 65536 // 120, dtype=np.uint16)[:120].reshape(10, 12)
+    grey[0, 0], grey[-1, -1] = 0, 65535
+    expected = torch.from_numpy((grey >> 8).astype(np.uint8)).expand(3, -1, -1)
+    path = _png(tmp_path / "grey16.png", grey, color_type=0)
+    assert torch.equal(decode_image(path), expected)
+    from toolkit.imagenet import _read_bytes
+
+    assert torch.equal(decode_batch([_read_bytes(path)], "cpu", [str(path)])[0], expected)
+    images, _ = read_images(path, Preprocessing(resize=10, crop=10, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert 0.3 < float(images.mean()) < 0.7  # a ramp from black to white, not 99% white
+    rgb = np.stack([grey, grey // 2, grey // 3], axis=-1)  # colour: Pillow reads it as 8 bits itself
+    decoded = decode_image(_png(tmp_path / "rgb16.png", rgb, color_type=2))
+    assert (decoded.permute(1, 2, 0).numpy().astype(int) - (rgb >> 8)).__abs__().max() <= 1
+
+
+def test_images_of_unknown_range_are_refused_with_their_name():
+    image = Image.fromarray(np.full((4, 4), 70000, np.int32))  # mode "I": 32-bit integers
+    with pytest.raises(ValueError, match="scan.tif.*32-bit"):
+        rgb_array(image, "scan.tif")
+    with pytest.raises(ValueError, match="scan.tif"):
+        rgb_array(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "scan.tif")
+
+
+def test_a_corrupt_image_is_refused_with_its_name_whatever_the_workers(tmp_path):
+    """The loader raises the reader's own error in this process: with worker processes
+    too, not a worker's traceback folded into the message."""
+    for i in range(4):
+        _jpeg(tmp_path / "images" / f"{i}.jpg", seed=i)
+    (tmp_path / "images" / "2.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    dataset = image_dataset(tmp_path / "images", preprocessing=SMALL)
+    for workers in (0, 2):
+        with pytest.raises(ValueError) as caught:
+            list(make_loader(dataset, batch_size=2, workers=workers, pin_memory=False))
+        message = str(caught.value)
+        assert message.startswith(f"cannot read the image {tmp_path / 'images' / '2.jpg'}: "), message
+        assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    readable = ImageFiles([tmp_path / "images" / f"{i}.jpg" for i in (0, 1)], preprocessing=SMALL)
+    good = list(make_loader(readable, batch_size=2, workers=2, pin_memory=False))
+    assert len(good) == 1 and good[0][0].shape == (2, 3, 32, 32)
 
 
 def test_crop_larger_than_resize_is_refused():

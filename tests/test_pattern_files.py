@@ -1,12 +1,17 @@
 """Patterns.load on bad files: every problem is one clear error that names the file.
 
 Truncated files, files that are not safetensors, other safetensors files, missing or
-malformed metadata, missing tensors, NaN values and patterns shaped unlike the model's
-layers are refused; a good file round-trips (tests/test_patterns.py checks the values).
+malformed metadata, another format version, missing or extra tensors, tensors of the
+wrong dtype or shape, NaN values and negative counts -- in the patterns and in the
+statistics alike -- and patterns shaped unlike the model's layers are refused, naming
+the file and the tensor; a good file round-trips (tests/test_patterns.py checks the
+values). Patterns.save into a folder it cannot write names the file it was asked to
+write, not safetensors' temporary file.
 """
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,9 +24,15 @@ from toolkit.patterns import PatternFileError, PatternMismatchError, Patterns, f
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """A file with the patterns and their statistics."""
     path = tmp_path_factory.mktemp("patterns") / "p.safetensors"
-    fit_patterns(conv_net(), batches(), progress=False).save(path)
+    fit_patterns(conv_net(), batches(), progress=False, keep_statistics=True).save(path, statistics=True)
     return path
+
+
+def tensor(path, key):
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key).clone()
 
 
 def rewrite(source, target, tensors=None, metadata=None):
@@ -70,26 +81,87 @@ def test_missing_tensors_and_nan_values_are_refused(saved, tmp_path):
     missing = rewrite(saved, tmp_path / "missing_tensor.safetensors", tensors={"conv2/negative": None})
     with pytest.raises(PatternFileError, match="missing_tensor.safetensors lacks the tensor 'conv2/negative'"):
         Patterns.load(missing)
-    with safe_open(str(saved), framework="pt") as f:
-        broken = f.get_tensor("fc/positive").clone()
+    broken = tensor(saved, "fc/positive")
     broken[0, 0] = float("nan")
     nan = rewrite(saved, tmp_path / "nan.safetensors", tensors={"fc/positive": broken})
-    with pytest.raises(PatternFileError, match="nan.safetensors: the positive pattern of layer 'fc' holds NaN"):
+    with pytest.raises(PatternFileError, match="nan.safetensors: the tensor 'fc/positive' holds NaN"):
         Patterns.load(nan)
 
 
-def test_patterns_shaped_unlike_the_model_are_refused(saved, tmp_path):
+@pytest.mark.parametrize("key", ["conv1/stats/x.y_neg", "conv2/stats/shift_x", "fc/stats/sum_y",
+                                 "fc/stats/n", "conv1/n_pos"])
+def test_a_nan_anywhere_is_refused_naming_the_tensor(saved, tmp_path, key):
+    """The statistics too: a NaN there would make the patterns recomputed from them (the
+    other mean_y convention) NaN, and every explanation with them."""
+    broken = tensor(saved, key)
+    broken.view(-1)[0] = float("nan")
+    path = rewrite(saved, tmp_path / "nan.safetensors", tensors={key: broken})
+    with pytest.raises(PatternFileError, match=f"nan.safetensors: the tensor '{key}' holds NaN or Inf"):
+        Patterns.load(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("conv1/stats/x.active", torch.zeros(6, 3, 3, 3, dtype=torch.float32), "is float32, not float64"),
+    ("conv1/stats/x.active", torch.zeros(6, 3, 3, dtype=torch.float64), r"has shape \(6, 3, 3\), expected \(6, 3, 3, 3\)"),
+    ("fc/stats/shift_y", torch.zeros(5, dtype=torch.float64), r"has shape \(5,\), expected \(4,\)"),
+    ("fc/stats/total.active", -torch.ones(4, dtype=torch.float64), "holds negative values"),
+    ("fc/positive", torch.zeros(4, 20, dtype=torch.int64), "is int64, not float32 or float64"),
+    ("fc/negative", torch.zeros(4, 21, dtype=torch.float64), r"has shape \(4, 21\), expected \(4, 20\)"),
+    ("fc/n_pos", torch.full((4,), 1e9, dtype=torch.float64), "counts more active samples"),
+    ("fc/stats/x.extra", torch.zeros(1, dtype=torch.float64), "is not a statistic"),
+    ("head/linear", torch.zeros(1, dtype=torch.float64), "holds tensors of no layer"),
+])
+def test_tensors_of_the_wrong_dtype_shape_or_value_are_refused(saved, tmp_path, key, value, message):
+    path = rewrite(saved, tmp_path / "forged.safetensors", tensors={key: value})
+    with pytest.raises(PatternFileError, match=f"forged.safetensors.*{message}"):
+        Patterns.load(path)
+
+
+def test_another_format_version_is_refused(saved, tmp_path):
+    for version in ("4", None):
+        path = rewrite(saved, tmp_path / "version.safetensors", metadata={"version": version})
+        with pytest.raises(PatternFileError, match="version.safetensors has the format version .*reads versions 1, 2, 3"):
+            Patterns.load(path)
+
+
+def test_saving_into_a_folder_that_cannot_be_written_names_the_file(saved, tmp_path):
+    patterns = Patterns.load(saved)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    target = a_file / "p.safetensors"
+    with pytest.raises(NotADirectoryError) as caught:
+        patterns.save(target)
+    message = str(caught.value)
+    assert str(target) in message and "cannot write the patterns file" in message and ".tmp" not in message
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "no-folder" / "p.safetensors")):
+        patterns.save(tmp_path / "no-folder" / "p.safetensors")
+    if os.name == "posix" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the permission case needs another user")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError) as caught:
+            patterns.save(locked / "p.safetensors")
+        assert str(locked / "p.safetensors") in str(caught.value) and ".tmp" not in str(caught.value)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_patterns_shaped_unlike_the_model_are_refused(tmp_path):
+    saved = tmp_path / "p.safetensors"
+    fit_patterns(conv_net(), batches(), progress=False).save(saved)  # the patterns alone
+    kinds = ("linear", "positive", "negative")
     shapes = rewrite(saved, tmp_path / "shapes.safetensors",
-                     tensors={f"fc/{k}": torch.zeros(3, 20, dtype=torch.float64)
-                              for k in ("linear", "positive", "negative")})
+                     tensors={**{f"fc/{k}": torch.zeros(3, 20, dtype=torch.float64) for k in kinds},
+                              "fc/n_pos": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(PatternMismatchError, match=r"shapes.safetensors: the linear pattern of layer 'fc' "
                                                    r"has shape \(3, 20\), the layer's weight \(4, 20\)"):
         Patterns.load(shapes, conv_net())
     renamed = rewrite(saved, tmp_path / "renamed.safetensors",
                       metadata={"layers": json.dumps(["conv1", "conv2", "head"]),
-                                "kinds": json.dumps({n: ["linear", "positive", "negative"]
-                                                     for n in ("conv1", "conv2", "head")})},
-                      tensors={f"head/{k}": torch.zeros(4, 20, dtype=torch.float64)
-                               for k in ("linear", "positive", "negative")})
+                                "kinds": json.dumps({n: list(kinds) for n in ("conv1", "conv2", "head")})},
+                      tensors={**{f"head/{k}": tensor(saved, f"fc/{k}") for k in kinds},
+                               **{f"fc/{k}": None for k in (*kinds, "n_pos")}})
     with pytest.raises(PatternMismatchError, match="a layer 'head' that this model does not have"):
         Patterns.load(renamed, conv_net())

@@ -11,6 +11,8 @@ What must hold, each checked against an independent reference:
 * torchvision VGG16, VGG16-BN and AlexNet fit end to end;
 * dead and zero-denominator neurons get defined patterns and are counted;
 * save/load keeps everything exactly, statistics can be re-estimated;
+* the fit frees its statistics unless asked to keep them, and holds the patterns in the
+  model's dtype unless float64 is asked for;
 * bad input gets clear errors and the user's model is left exactly as it was.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -29,8 +32,8 @@ from _nets import (batches, conv_net, fold_batchnorm, images, layer_inputs_outpu
                    position_rows)
 from toolkit.layers import UnsupportedLayerError, trace
 from toolkit.linear import LinearEstimator, TwoComponentEstimator, fit_filter, make_data
-from toolkit.patterns import (CheckpointMismatchError, PatternMismatchError, Patterns, Statistics,
-                              estimate_patterns, fingerprint, fit_patterns)
+from toolkit.patterns import (CheckpointMismatchError, PatternFileError, PatternMismatchError, Patterns,
+                              Statistics, estimate_patterns, fingerprint, fit_patterns)
 
 KINDS = ("linear", "positive", "negative")
 
@@ -169,13 +172,14 @@ def brute_force_patterns(model: nn.Sequential, x: torch.Tensor, mean_y: str) -> 
 def test_conv_net_matches_brute_force(mean_y):
     model = conv_net()
     x = images(64)
-    patterns = fit(model, torch.split(x, 24), mean_y=mean_y)
+    patterns = fit(model, torch.split(x, 24), mean_y=mean_y, keep_statistics=True)
     reference = brute_force_patterns(model, x, mean_y)
     assert patterns.names == ["conv1", "conv2", "fc"]
     for name, ref in reference.items():
         stats = patterns.statistics[name].unshifted()
         expected = ref["statistics"]
         assert torch.equal(stats["n"], expected["n"]) and torch.equal(stats["n_pos"], expected["n_pos"])
+        assert patterns[name].n == int(expected["n"]) and torch.equal(patterns[name].n_pos, expected["n_pos"])
         for key, t in expected.items():  # the streamed sums themselves
             err = max_relative_error(stats[key].reshape(t.shape), t)
             assert err < 1e-12, f"{name}/{key}: relative error {err:.3g}"
@@ -199,8 +203,8 @@ def test_batch_size_does_not_matter():
         patterns = fit(model, torch.split(x, size))
         assert_same_patterns(patterns, whole, rtol=1e-10)
         for name in whole.names:
-            assert torch.equal(patterns.statistics[name].n_pos, whole.statistics[name].n_pos)
-            assert torch.equal(patterns.statistics[name].n, whole.statistics[name].n)
+            assert torch.equal(patterns[name].n_pos, whole[name].n_pos)
+            assert patterns[name].n == whole[name].n
 
 
 def test_linear_layer_on_sequences_counts_every_position():
@@ -210,7 +214,7 @@ def test_linear_layer_on_sequences_counts_every_position():
     x = torch.randn(20, 5, 6, dtype=torch.float64) + 0.2
     seq = fit(layer, [x])
     flat = fit(layer, [x.reshape(-1, 6)])
-    assert int(seq.statistics["Linear"].n) == 100
+    assert seq["Linear"].n == 100
     assert_same_patterns(seq, flat, rtol=1e-12)
 
 
@@ -221,7 +225,7 @@ def test_two_processes_equal_one(tmp_path):
     run_workers("conv_net", 2, tmp_path)
 
     model = conv_net()
-    single = fit(model, batches())
+    single = fit(model, batches(), keep_statistics=True)
     for case in ("dealt", "sampled"):
         ranks = [Patterns.load(tmp_path / f"{case}.rank{r}.safetensors", model) for r in range(2)]
         assert_identical(ranks[0], ranks[1])
@@ -287,7 +291,7 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path):
     resumed = fit(model, data, checkpoint=checkpoint, checkpoint_every=2)
     assert_same_patterns(resumed, plain, rtol=1e-12)
     for name in plain.names:
-        assert int(resumed.statistics[name].n) == int(plain.statistics[name].n)
+        assert resumed[name].n == plain[name].n
     # a checkpoint of another model is refused
     with pytest.raises(PatternMismatchError, match="another model"):
         fit(conv_net(seed=5), data, checkpoint=checkpoint)
@@ -298,8 +302,8 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["vgg16", "vgg16_bn", "alexnet"])
 def test_torchvision_model_fits(name):
-    """One batch of two 64x64 images; VGG16's first classifier layer alone holds six
-    4096 x 25088 float64 tensors (statistics and patterns, 4.9 GB)."""
+    """One batch of two 64x64 images; VGG16's first classifier layer alone holds three
+    4096 x 25088 float64 sums (2.5 GB), freed as its float32 patterns are made."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
@@ -322,11 +326,12 @@ def test_torchvision_model_fits(name):
     for layer_name, module in layers.items():
         for kind in KINDS:
             t = getattr(patterns[layer_name], kind)
-            assert t.shape == module.weight.shape and t.dtype == torch.float64
+            assert t.shape == module.weight.shape and t.dtype == torch.float32  # the model's
             assert torch.isfinite(t).all(), f"{layer_name}/{kind}"
-        assert int(patterns.statistics[layer_name].n) == samples[layer_name]
+        assert patterns[layer_name].n == samples[layer_name]
         assert re.search(rf"^{re.escape(layer_name)}\s+{module.weight.shape[0]}\s+{samples[layer_name]:,}\s",
                          report, re.M), report
+    assert patterns.statistics == {}  # freed layer by layer
     if name == "vgg16_bn":  # every convolution has its BatchNorm folded in
         assert all(layer.batchnorm is not None for layer in trace(model, x) if layer.is_conv)
 
@@ -388,38 +393,246 @@ def test_zero_denominator_keeps_raw_covariance():
 # ----------------------------------------------------------------------------------
 # 6. save / load / recompute
 # ----------------------------------------------------------------------------------
-def test_save_load_round_trip_and_recompute(tmp_path):
-    model = conv_net()
-    data = batches()
-    patterns = fit(model, data)
-    path = tmp_path / "patterns.safetensors"
-    patterns.save(path)
-    # a safetensors file: an 8-byte header length, a JSON header of plain tensors (dtype,
-    # shape, offsets) and text metadata, then raw bytes -- nothing that loading executes
+def file_header(path) -> tuple[dict, dict]:
+    """The metadata and the tensor entries of a safetensors file, read as the format says:
+    an 8-byte header length, a JSON header of plain tensors (dtype, shape, offsets) and
+    text metadata, then raw bytes -- nothing that loading executes."""
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + size])
     metadata = header.pop("__metadata__")
     assert all(isinstance(v, str) for v in metadata.values())
     assert all(set(entry) == {"dtype", "shape", "data_offsets"} for entry in header.values())
-    assert header["conv1/positive"]["dtype"] == "F64" and header["conv1/positive"]["shape"] == [6, 3, 3, 3]
     assert len(raw) == 8 + size + max(entry["data_offsets"][1] for entry in header.values())
+    return metadata, header
 
+
+def test_save_load_round_trip_and_recompute(tmp_path):
+    model = conv_net()
+    data = batches()
+    patterns = fit(model, data, keep_statistics=True)
+    path = tmp_path / "patterns.safetensors"
+    patterns.save(path)  # the patterns alone, with their sample counts
+    metadata, header = file_header(path)
+    assert metadata["version"] == "3"
+    assert set(header) == {f"{name}/{kind}" for name in patterns.names for kind in KINDS} | {
+        f"{name}/n_pos" for name in patterns.names}
+    assert header["conv1/positive"]["dtype"] == "F64" and header["conv1/positive"]["shape"] == [6, 3, 3, 3]
     loaded = Patterns.load(path, model)
     assert loaded.fingerprint == patterns.fingerprint == fingerprint(model)
-    assert loaded.mean_y == "masked" and loaded.counts == patterns.counts
+    assert loaded.mean_y == "masked" and loaded.counts == patterns.counts and loaded.statistics == {}
+    assert_identical(loaded, patterns)
+    for name in patterns.names:
+        assert loaded[name].n == patterns[name].n and torch.equal(loaded[name].n_pos, patterns[name].n_pos)
+    assert loaded.report() == patterns.report()
+    with pytest.raises(ValueError, match="no statistics"):
+        loaded.save(tmp_path / "again.safetensors", statistics=True)
+
+    # with statistics=True the sums come back exactly, and the patterns can be recomputed
+    full = tmp_path / "with_statistics.safetensors"
+    patterns.save(full, statistics=True)
+    assert full.stat().st_size > 2 * path.stat().st_size
+    loaded = Patterns.load(full, model)
     assert_identical(loaded, patterns)
     for name in patterns.names:
         for key, t in patterns.statistics[name].tensors().items():
             assert torch.equal(loaded.statistics[name].tensors()[key], t), (name, key)
-    assert loaded.report() == patterns.report()
-
     plan = trace(model, data[0])
     authors = Patterns.from_statistics(plan, loaded.statistics, loaded.fingerprint, mean_y="global")
     # the same sums, shifted by each side's mean rather than the overall one: equal to round-off
     assert_same_patterns(authors, fit(model, data, mean_y="global"), rtol=1e-10)
     assert authors.mean_y == "global"
     assert max_relative_error(authors["conv1"].positive, patterns["conv1"].positive) > 1e-3
+
+
+def test_patterns_are_held_and_saved_in_the_model_dtype(tmp_path):
+    """A float32 model: float32 patterns in memory and in the file (the size of its
+    weights per kind), equal to the float64 patterns of the same fit rounded once."""
+    model = conv_net(dtype=torch.float32)
+    data = [b.float() for b in batches()]
+    patterns = fit(model, data)
+    wide = fit(model, data, pattern_dtype=torch.float64)
+    assert patterns.dtype == torch.float32 and wide.dtype == torch.float64
+    for name in patterns.names:
+        for kind in KINDS:
+            assert torch.equal(getattr(patterns[name], kind), getattr(wide[name], kind).float())
+    path = tmp_path / "p.safetensors"
+    patterns.save(path)
+    _, header = file_header(path)
+    weights = sum(m.weight.numel() for m in (model.conv1, model.conv2, model.fc))
+    patterns_bytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+                         if not k.endswith("/n_pos"))
+    assert patterns_bytes == 3 * 4 * weights
+    loaded = Patterns.load(path, model)
+    assert loaded.dtype == torch.float32
+    from toolkit.methods import PatternAttribution, PatternNet
+
+    x = images(4, seed=3).float()
+    for method in (PatternNet, PatternAttribution):  # a file explains as the patterns it was saved from
+        target = torch.tensor([1, 3, 1, 3])
+        assert torch.equal(method(model, loaded).attribute(x, target), method(model, patterns).attribute(x, target))
+    assert Patterns.load(path, dtype=torch.float64).dtype == torch.float64
+    wide.save(path)
+    assert Patterns.load(path).dtype == torch.float64
+    wide.save(path, dtype=torch.float32)
+    assert_identical(Patterns.load(path), patterns)
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        fit(model, data, pattern_dtype=torch.float16)
+
+
+def test_the_fit_frees_its_statistics_unless_asked_to_keep_them():
+    """Every layer's sums are released when its patterns are made: the accumulators the
+    fit streamed into end up empty (and the patterns are the same either way)."""
+    import toolkit.patterns as module
+
+    made = []
+    original = module.Statistics.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    model, data = conv_net(), batches()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.Statistics, "__init__", recording)
+        lean = fit(model, data)
+        assert len(made) == 3 and all(s.tensors_ == {} for s in made) and lean.statistics == {}
+        made.clear()
+        kept = fit(model, data, keep_statistics=True)
+        assert len(made) == 3 and all(s.tensors_ for s in made)
+        assert {name: s for name, s in kept.statistics.items()} == dict(zip(kept.names, made))
+    assert_identical(lean, kept)
+
+
+def test_the_solve_in_blocks_equals_the_solve_at_once(monkeypatch):
+    """Blocks of a few neurons (as VGG16's dense layers are solved) give exactly the
+    patterns of one block, zero-denominator counts included."""
+    import toolkit.patterns as module
+
+    model, data = conv_net(), batches()
+    whole = fit(model, data, keep_statistics=True)
+    monkeypatch.setattr(module, "SOLVE_BLOCK_ELEMENTS", 40)  # conv1: 1 neuron, conv2 and fc: 2
+    plan = trace(model, data[0])
+    blocks = Patterns.from_statistics(plan, whole.statistics, whole.fingerprint)
+    assert_identical(blocks, whole)
+    assert blocks.counts == whole.counts
+
+
+def grouped_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    """An ordinary, a grouped and a depthwise convolution, a standalone BatchNorm (one
+    input per neuron) and a Linear layer, float64, with its batches."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5)).double().eval()
+    with torch.no_grad():
+        model[6].running_mean.uniform_(-0.2, 0.2)
+        model[6].running_var.uniform_(0.5, 2.0)
+    return model, list(torch.randn(48, 4, 6, 6, dtype=torch.float64).split(12))
+
+
+def conv1d_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv1d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 6, 3, groups=3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 14, 4)).double().eval()
+    return model, list((torch.randn(40, 3, 16, dtype=torch.float64) + 0.5).split(10))
+
+
+@pytest.mark.parametrize("make", [grouped_net, conv1d_net], ids=["grouped", "conv1d"])
+@pytest.mark.parametrize("mean_y", ["masked", "global"])
+def test_groups_and_side_shifts_solve_in_blocks_save_and_load(make, mean_y, tmp_path, monkeypatch):
+    """Grouped and depthwise convolutions, a BatchNorm of one input per neuron, Conv1d,
+    and the side shifts of mean_y="masked": the solve in blocks of one neuron gives the
+    patterns of the solve at once; a file with the statistics gives back every sum
+    (the groups' input sums and the side shifts included) and the same patterns, and the
+    patterns recomputed with the other convention from the file equal those from memory."""
+    import toolkit.patterns as module
+
+    model, data = make()
+    kept = fit(model, data, mean_y=mean_y, keep_statistics=True)
+    lean = fit(model, data, mean_y=mean_y)
+    assert_identical(lean, kept)
+    assert all(("shift_y.y_pos" in s.tensors_) == (mean_y == "masked") for s in kept.statistics.values())
+    path = tmp_path / "p.safetensors"
+    kept.save(path, statistics=True)
+    loaded = Patterns.load(path, model)
+    assert_identical(loaded, kept)
+    for name, stats in kept.statistics.items():
+        assert stats.tensors().keys() == loaded.statistics[name].tensors().keys()
+        for key, t in stats.tensors().items():
+            assert torch.equal(loaded.statistics[name][key], t), (name, key)
+    plan = trace(model, data[0])
+    other = "global" if mean_y == "masked" else "masked"
+    from_memory = Patterns.from_statistics(plan, kept.statistics, kept.fingerprint, other)
+    monkeypatch.setattr(module, "SOLVE_BLOCK_ELEMENTS", 1)  # one neuron at a time
+    from_file = Patterns.from_statistics(plan, loaded.statistics, loaded.fingerprint, other, keep=False)
+    assert_identical(from_file, from_memory)
+    assert from_file.counts == from_memory.counts and loaded.statistics == {}
+    # a file whose input sums are of another number of groups is refused, naming a tensor
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    grouped = plan.names[1]
+    with safe_open(str(path), framework="pt") as f:
+        metadata, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    stored[f"{grouped}/stats/x.ones"] = stored[f"{grouped}/stats/x.ones"][:1].contiguous()
+    save_file(stored, str(tmp_path / "forged.safetensors"), metadata=metadata)
+    with pytest.raises(PatternFileError, match=rf"forged.safetensors: the tensor '{grouped}/stats/shift_x' has shape"):
+        Patterns.load(tmp_path / "forged.safetensors")
+
+
+#: The statistics version 1 stored per layer: plain (unshifted) sums.
+OLD_STATISTICS_V1 = ("n", "sum_x", "sum_y", "sum_xy", "n_pos", "sum_x_pos", "sum_y_pos", "sum_xy_pos")
+
+
+def old_file(patterns: Patterns, path, version: str) -> None:
+    """A patterns file as versions 1 and 2 wrote it (Patterns.save before version 3):
+    every pattern in float64, every layer's statistics (version 1: the plain sums of its
+    older layout; version 2: today's), no active counts."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in patterns.layers.items():
+        for kind, t in p.tensors().items():
+            tensors[f"{name}/{kind}"] = t.double().contiguous()
+        stats = patterns.statistics[name]
+        if version == "1":
+            plain = stats.unshifted()
+            for key in OLD_STATISTICS_V1:
+                tensors[f"{name}/stats/{key}"] = plain[key].contiguous()
+        else:
+            for key, t in stats.tensors().items():
+                tensors[f"{name}/stats/{key}"] = t.contiguous()
+    metadata = {"format": "patternnet-toolkit-patterns", "version": version,
+                "fingerprint": patterns.fingerprint, "mean_y": patterns.mean_y,
+                "layers": json.dumps(patterns.names), "counts": json.dumps(patterns.counts)}
+    if version == "2":
+        metadata["kinds"] = json.dumps({name: list(p.kinds) for name, p in patterns.layers.items()})
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_files_of_older_versions_still_load(tmp_path, version):
+    model = conv_net()
+    patterns = fit(model, batches(), keep_statistics=True)
+    path = tmp_path / f"v{version}.safetensors"
+    old_file(patterns, path, version)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = Patterns.load(path, model)
+    assert_identical(loaded, patterns)
+    assert loaded.report() == patterns.report() and loaded.inactive_outputs() == patterns.inactive_outputs()
+    for name in patterns.names:
+        assert loaded[name].n == patterns[name].n and torch.equal(loaded[name].n_pos, patterns[name].n_pos)
+    if version == "1":  # the statistics of the older layout are left out, with a word
+        assert loaded.statistics == {} and any("older version" in str(w.message) for w in caught)
+    else:
+        for name in patterns.names:
+            for key, t in patterns.statistics[name].tensors().items():
+                assert torch.equal(loaded.statistics[name][key], t), (name, key)
+    loaded.save(tmp_path / "now.safetensors")  # and they are written in today's version
+    assert file_header(tmp_path / "now.safetensors")[0]["version"] == "3"
 
 
 def test_load_for_another_model_is_refused(tmp_path):
@@ -503,7 +716,9 @@ def test_device_cpu():
         assert_identical(patterns, default)
         for name in patterns.names:
             assert patterns[name].linear.device.type == "cpu"
-            assert all(t.device.type == "cpu" for t in patterns.statistics[name].tensors().values())
+    kept = fit(model, data, device="cpu", keep_statistics=True)
+    for name in kept.names:
+        assert all(t.device.type == "cpu" for t in kept.statistics[name].tensors().values())
     assert next(model.parameters()).device.type == "cpu"
 
 

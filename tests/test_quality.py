@@ -159,7 +159,8 @@ def reference(model, patterns, x, regime="all"):
 @pytest.fixture(scope="module")
 def fitted():
     model = small_net()
-    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False)
+    patterns = fit_patterns(model, torch.split(images(200, seed=1), 50), progress=False,
+                            keep_statistics=True)
     return model, patterns
 
 

@@ -205,7 +205,7 @@ def test_patternnet_and_patternattribution_equal_explicit_backward(kind, mask):
     net = tiny_residual()
     patterns = fit(net, mask)
     x = residual_images(5, seed=7)
-    live = torch.nonzero(patterns.statistics["fc"].n_pos > 0)[:, 0]  # classes a_+ can explain
+    live = torch.nonzero(patterns["fc"].n_pos > 0)[:, 0]  # classes a_+ can explain
     target = live[torch.tensor([0, 1, 2, 1, 0]) % len(live)]
     field = "positive" if kind == "two_component" else "linear"
     a = {name: getattr(patterns[name], field) for name in LAYER_NAMES}
@@ -283,7 +283,7 @@ def test_two_processes_equal_one(tmp_path):
         single = fit_patterns(net, residual_batches(), progress=False, mask=mask)  # as the workers
         ranks = [Patterns.load(tmp_path / f"{mask}.rank{r}.safetensors", net) for r in range(2)]
         for name in LAYER_NAMES:
-            assert int(ranks[0].statistics[name].n) == int(single.statistics[name].n)
+            assert ranks[0][name].n == single[name].n
             for kind in ("linear", "positive", "negative"):
                 ours = [getattr(p[name], kind) for p in ranks]
                 assert torch.equal(ours[0], ours[1])
@@ -315,7 +315,7 @@ def test_torchvision_resnet_fits_and_explains_finitely(name):
     for pattern in patterns.layers.values():
         assert all(torch.isfinite(t).all() for t in pattern.tensors().values())
     # classes never active on the 4 fitting images have a_+ = 0 (explained by 0): avoid them
-    live = torch.nonzero(patterns.statistics["fc"].n_pos > 0)[:, 0]
+    live = torch.nonzero(patterns["fc"].n_pos > 0)[:, 0]
     target = live[:2].repeat(1)
     assert len(target) == 2
     for method in ALL_METHODS:

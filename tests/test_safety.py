@@ -9,6 +9,8 @@ What must hold:
 * a two-component explainer asked about a class whose output neuron was never active
   on the fitting data raises an error that names the class, or, opted in, uses that
   neuron's linear pattern (checked against a backward pass written out by hand);
+* patterns with a NaN or an infinity are refused when a pattern explainer is made,
+  naming the layer, so no explanation is ever NaN;
 * targets that are strings, lists of None or too large for int64 get clear errors; an
   inplace ReLU as the first module works and leaves the caller's input alone;
   ``attribute`` works under ``torch.inference_mode()``.
@@ -178,7 +180,7 @@ def never_active_fit():
 
 def test_never_active_class_is_refused_with_a_fix(never_active_fit):
     model, patterns, x = never_active_fit
-    assert patterns.statistics["2"].n_pos.tolist()[0] == 0
+    assert patterns["2"].n_pos.tolist()[0] == 0
     for cls in (PatternNet, PatternAttribution):
         with pytest.raises(NeverActiveOutputError, match=r"class 0:.*layer '2' was never active.*"
                                                          r"kind='linear'.*never_active='linear'"):
@@ -195,9 +197,30 @@ def test_never_active_class_is_refused_with_a_fix(never_active_fit):
 
 def test_never_active_without_statistics_is_read_from_the_zero_pattern(never_active_fit):
     model, patterns, x = never_active_fit
-    bare = Patterns(patterns.layers, patterns.fingerprint)  # as if loaded without statistics
+    bare = Patterns({name: LayerPatterns(**p.tensors()) for name, p in patterns.layers.items()},
+                    patterns.fingerprint)  # made by hand: no sample counts
     with pytest.raises(NeverActiveOutputError, match="class 0, 2:"):
         PatternNet(model, bare).attribute(x[:2], [0, 2])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_patterns_that_are_not_finite_are_refused_once(never_active_fit, value):
+    model, patterns, x = never_active_fit
+    for kind, refused in (("positive", (PatternNet, PatternAttribution)), ("linear", ())):
+        p = patterns["0"].tensors()
+        p[kind] = p[kind].clone()
+        p[kind][3, 1] = value
+        broken = Patterns({**patterns.layers, "0": LayerPatterns(**p)}, patterns.fingerprint)
+        for cls in (PatternNet, PatternAttribution):
+            if cls in refused:
+                with pytest.raises(ValueError, match=f"the {kind} pattern of layer '0' holds NaN or Inf"):
+                    cls(model, broken)
+            else:  # a pattern the rules do not read is no reason to refuse
+                assert torch.isfinite(cls(model, broken).attribute(x[:3], 1)).all()
+    # the linear pattern, where the rules read it: kind="linear", or never_active="linear"
+    for options in ({"kind": "linear"}, {"never_active": "linear"}):
+        with pytest.raises(ValueError, match="the linear pattern of layer '0' holds NaN or Inf"):
+            PatternAttribution(model, broken, **options)
 
 
 def test_linear_fallback_equals_the_backward_pass_by_hand(never_active_fit):

@@ -29,8 +29,8 @@ _LAZY = {
 
 # submodules reachable as attributes, e.g. ``toolkit.linear`` after ``import toolkit``
 _SUBMODULES = (
-    "linear", "estimators", "layers", "rules", "streaming", "patterns", "precision", "methods",
-    "quality", "perturbation", "intervals", "conservation", "experiment", "sanity", "similarity",
+    "linear", "estimators", "layers", "rules", "streaming", "patterns", "fingerprint", "precision",
+    "methods", "quality", "perturbation", "intervals", "conservation", "experiment", "sanity", "similarity",
     "convention", "interop", "data", "models", "zoo", "imagenet", "compare", "plotting", "widgets",
     "reproduce", "course", "cli", "timeseries", "architectures",
 )

@@ -717,13 +717,17 @@ def with_mean_y(model: nn.Module, patterns, mean_y: str, inputs: Tensor):
     ``"masked"`` (the default of :func:`toolkit.fit_patterns`) subtracts each side's own
     mean ``E_+[y]`` (each side's pattern is then the covariance of ``x`` and ``y`` over
     that side's samples), ``"global"`` the mean ``E[y]`` over all samples (the paper's
-    formula and the authors' code).
+    formula and the authors' code). The patterns must keep
+    their statistics: ``fit_patterns(..., keep_statistics=True)``, or a file written by
+    ``save(..., statistics=True)``.
     """
     from toolkit.layers import trace
     from toolkit.patterns import Patterns
 
     if not patterns.statistics:
-        raise ValueError("these patterns keep no statistics to recompute them from")
+        raise ValueError("these patterns keep no statistics to recompute them from: fit them with "
+                         "fit_patterns(..., keep_statistics=True), or save and load them with "
+                         "save(..., statistics=True)")
     plan = trace(model, inputs[:1])
     patterns.check(model, plan)
     return Patterns.from_statistics(plan, patterns.statistics, patterns.fingerprint, mean_y=mean_y)

@@ -396,8 +396,8 @@ class Config:
             "      val/ instead); if the file does not exist, the fitted patterns are written there",
             "  one CUDA GPU with 32 GB or more (float64 statistics, the 25088 x 25088 moment of the",
             "      first dense layer and its eigendecomposition), 32 GB of RAM, 8+ CPU cores to decode",
-            "      JPEGs, and 10 GB of disk next to TOOLKIT_PATTERNS (patterns with their statistics",
-            "      6.6 GB, the fit's checkpoint 3.3 GB)",
+            "      JPEGs, and 9 GB of disk next to TOOLKIT_PATTERNS (patterns with their statistics",
+            "      5.0 GB, the fit's checkpoint 3.3 GB)",
             "",
             f"Estimated time on one GPU; rates {self.rates.source}:",
             f"  forward {self.rates.forward:,.0f} images/s, fitting {self.rates.fitting:,.0f}, "

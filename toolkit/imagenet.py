@@ -60,7 +60,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "Preprocessing",
     "denormalize",
     "decode_image",
+    "rgb_array",
     "ImageFiles",
     "LayoutError",
     "find_images",
@@ -86,6 +87,7 @@ __all__ = [
     "photo_crops",
     "ShardSampler",
     "DeviceDecoder",
+    "ImageLoader",
     "make_loader",
 ]
 
@@ -187,16 +189,43 @@ def denormalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 # decoding
 # ----------------------------------------------------------------------------------
 def decode_image(path: str | os.PathLike) -> Tensor:
-    """Decode an image file with Pillow into a ``uint8`` ``(3, H, W)`` RGB tensor."""
-    import numpy as np
+    """Decode an image file with Pillow into a ``uint8`` ``(3, H, W)`` RGB tensor.
+
+    16-bit greyscale PNGs are scaled to 8 bits (``value >> 8``, as torchvision's
+    ``to_dtype(..., scale=True)`` maps uint16 to uint8); Pillow's own conversion would
+    clip them at 255. Images of 32-bit integer or floating-point pixels are refused
+    with their name (:func:`rgb_array`).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = rgb_array(image, path)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot read the image {path}: {error}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+#: Pillow's modes of 16-bit greyscale pixels (PNG bit depth 16, one channel).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def rgb_array(image, name) -> np.ndarray:
+    """A Pillow image as a ``uint8`` ``(H, W, 3)`` RGB array.
+
+    Pillow converts 8-bit modes (and 16-bit colour PNGs, which it reads as 8-bit) to RGB
+    correctly, but clips 16-bit greyscale values at 255; those are scaled instead. Modes
+    whose range is unknown (32-bit integers ``I`` other than a PNG's, floats ``F``) are
+    refused with a :class:`ValueError` that names the image ``name``.
+    """
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and image.format == "PNG"):
+        grey = np.asarray(image).astype(np.int64).clip(0, 2**16 - 1) >> 8
+        return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+    if mode in ("I", "F") or mode.startswith("I;"):
+        raise ValueError(f"cannot read the image {name}: its pixels are {mode!r} (32-bit integers "
+                         "or floats) of unknown range; save it as an 8- or 16-bit PNG or a JPEG")
+    return np.array(image.convert("RGB"))
 
 
 def _read_bytes(path: str | os.PathLike) -> Tensor:
@@ -208,15 +237,16 @@ def _is_jpeg(data: Tensor) -> bool:
     return data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
 
 
-def decode_batch(encoded: Sequence[Tensor], device: str | torch.device) -> list[Tensor]:
+def decode_batch(encoded: Sequence[Tensor], device: str | torch.device,
+                 names: Sequence[str] | None = None) -> list[Tensor]:
     """Decode encoded image files to ``uint8`` RGB tensors on ``device``.
 
     JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on ``device`` (with
-    nvJPEG on a GPU); other formats (PNG) are decoded on the CPU and moved there.
+    nvJPEG on a GPU); other formats (PNG) are decoded on the CPU (:func:`rgb_array`)
+    and moved there. ``names`` (the files) name a bad image in errors.
     """
     from PIL import Image
     import io
-    import numpy as np
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
@@ -230,9 +260,10 @@ def decode_batch(encoded: Sequence[Tensor], device: str | torch.device) -> list[
             images[i] = image
     for i, data in enumerate(encoded):
         if images[i] is None:
+            name = names[i] if names is not None else f"image {i} of the batch"
             with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-                array = np.asarray(image.convert("RGB"))
-            images[i] = torch.from_numpy(array.copy()).permute(2, 0, 1).to(device)
+                array = rgb_array(image, name)
+            images[i] = torch.from_numpy(array).permute(2, 0, 1).to(device)
     return images
 
 
@@ -682,7 +713,7 @@ def read_images(paths: str | os.PathLike | Iterable[str | os.PathLike],
             raise FileNotFoundError(f"no image file or folder at {p}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
-        decoded = decode_batch([_read_bytes(f) for f in files], device)
+        decoded = decode_batch([_read_bytes(f) for f in files], device, [str(f) for f in files])
     else:
         decoded = [decode_image(f) for f in files]
     return torch.stack([preprocessing(image) for image in decoded]), [f.name for f in files]
@@ -778,6 +809,62 @@ def _collate_encoded(batch):
     return list(data), torch.tensor(labels)
 
 
+@dataclass
+class Unreadable:
+    """A file that could not be read, sent from a worker in place of its batch, so that
+    the main process raises the reader's own error (one line naming the file) instead
+    of torch re-raising it with the worker's traceback folded into the message."""
+
+    error_type: type
+    message: str
+
+    def error(self) -> BaseException:
+        return self.error_type(self.message)
+
+
+class _Guarded(Dataset):
+    """A dataset whose unreadable items (:class:`ValueError` or :class:`OSError` of the
+    reader, which name the file) become :class:`Unreadable`; its other attributes are
+    the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (ValueError, OSError) as error:
+            return Unreadable(type(error), str(error)), -1
+
+    def __getattr__(self, name: str):
+        """The wrapped dataset's attributes (``files``, ``classes``, ...)."""
+        if name == "dataset":  # not set yet (while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _collate(collate):
+    """``collate`` that passes the first :class:`Unreadable` of a batch on instead."""
+    def guarded(batch):
+        bad = next((item[0] for item in batch if isinstance(item[0], Unreadable)), None)
+        return bad if bad is not None else collate(batch)
+    return guarded
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader that raises the error of an unreadable file in the main process, the
+    same with and without worker processes (:func:`make_loader`)."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, Unreadable):
+                raise batch.error()
+            yield batch
+
+
 class DeviceDecoder:
     """Wrap a DataLoader of encoded files: decode and preprocess every batch on a device.
 
@@ -838,8 +925,10 @@ def make_loader(dataset: Dataset, batch_size: int = 64, *, workers: int = 0, pin
 
     Returns
     -------
-    DataLoader or DeviceDecoder
-        Both yield ``(images, labels)`` batches and have a ``sampler``.
+    ImageLoader or DeviceDecoder
+        Both yield ``(images, labels)`` batches and have a ``sampler``. A file that cannot
+        be read raises its reader's error, which names it, in the calling process,
+        whatever the number of ``workers``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -854,14 +943,14 @@ def make_loader(dataset: Dataset, batch_size: int = 64, *, workers: int = 0, pin
             raise TypeError(f"decoding on a device needs an ImageFiles dataset, not {type(dataset).__name__}")
         dataset = dataset.with_encoded(True)
     sampler = ShardSampler(dataset) if distributed else None
-    loader = DataLoader(
-        dataset,
+    loader = ImageLoader(
+        _Guarded(dataset),
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory and decode_device is None,
-        collate_fn=_collate_encoded if decode_device is not None else None,
+        collate_fn=_collate(_collate_encoded if decode_device is not None else default_collate),
         persistent_workers=False,
     )
     if decode_device is not None:

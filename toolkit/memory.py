@@ -18,6 +18,11 @@ streaming fails. It does nothing on another C library, on another device than th
 CPU, inside another such block, or when the environment sets malloc's thresholds
 itself (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``): the
 user's setting wins. Setting ``TOOLKIT_KEEP_MALLOC`` (to anything) switches it off.
+
+The sums a fit streams into are made while the thresholds are raised, so they lie in
+the heap, where freeing a block does not hand its pages back. The final solve frees
+them layer by layer; :func:`release_freed_memory` hands those pages back at once
+(``malloc_trim``), so the memory the solve needs next comes from them.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["reuse_freed_memory", "available"]
+__all__ = ["reuse_freed_memory", "release_freed_memory", "available"]
 
 # mallopt's parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -86,3 +91,11 @@ def reuse_freed_memory(device: torch.device | str = "cpu") -> Iterator[bool]:
             libc.mallopt(parameter, value)
         libc.malloc_trim(0)
         _active = False
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system now (glibc's ``malloc_trim``; a
+    no-op on another C library, or inside :func:`reuse_freed_memory`)."""
+    libc = _glibc()
+    if libc is not None and not _active:
+        libc.malloc_trim(0)

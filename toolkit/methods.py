@@ -592,7 +592,21 @@ class _PatternExplainer(Explainer):
         patterns.check(model)
         self.patterns = patterns
         self.kind = kind
+        self._check_finite()
         self._weights_cache: tuple[tuple, dict[str, Tensor]] | None = None
+
+    def _check_finite(self) -> None:
+        """Refuse, once, patterns with a NaN or an infinity among those the rules use:
+        every rule weight is a pattern, so a finite explanation needs finite patterns
+        (fitted and loaded patterns are finite by construction and by checking)."""
+        kinds = {self._pattern_kind, *(("linear",) if self.never_active == "linear" else ())}
+        for name, layer_patterns in self.patterns.layers.items():
+            for kind in kinds & set(layer_patterns.kinds):
+                if not torch.isfinite(layer_patterns.get(kind)).all():
+                    raise ValueError(
+                        f"the {kind} pattern of layer '{name}' holds NaN or Inf, so every "
+                        f"explanation by {type(self).__name__} would: fit the patterns again with "
+                        "toolkit.fit_patterns, or read them with Patterns.load, which checks them")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.model).__name__}, kind={self.kind!r}, "

@@ -13,14 +13,19 @@ mean over the component's own samples, the seminar text) or ``"global"`` (the me
 all samples, the paper's formula and the authors' code) chooses the mean of ``y`` in the
 two-component patterns. No pattern is ever NaN: never-active neurons and zero
 denominators have defined fallbacks, counted by :meth:`Patterns.report`.
-:class:`Patterns` saves and loads the result and refuses patterns of another model.
+
+Memory: the sums are float64 and, for a layer with ``J`` neurons of ``D`` inputs, two
+or three ``J x D`` tensors. The final solve turns them into patterns layer by layer, a
+block of neurons at a time, and frees each layer's sums once its patterns are made,
+unless ``fit_patterns(..., keep_statistics=True)`` keeps them (to recompute the patterns
+with the other ``mean_y``, or to save them with the patterns). :class:`Patterns` holds
+the patterns in the model's dtype (at least float32) unless float64 is asked for, saves
+and loads them (:mod:`toolkit.pattern_files`) and refuses patterns of another model.
 
 The formulas, the sums and the conventions are in docs/math.md, sections 2-3.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from contextlib import nullcontext
@@ -33,8 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import broadcast_from_rank_0, sum_over_ranks
+from toolkit.fingerprint import fingerprint
 from toolkit.layers import Layer, Plan, per_neuron
+from toolkit.layers.adapters import adapter_for
 from toolkit.linear import DEFAULT_MEAN_Y, MEAN_Y_CONVENTIONS
+from toolkit.memory import release_freed_memory
+from toolkit.pattern_files import (PATTERN_DTYPES, LayerRecord, PatternFile, PatternFileError, read_patterns,
+                                   write_patterns)
 from toolkit.precision import tf32
 from toolkit.streaming import CheckpointMismatchError, PatternMismatchError, stream
 
@@ -51,8 +61,6 @@ __all__ = [
     "fingerprint",
     "estimate_patterns",
 ]
-
-FORMAT_VERSION = "2"
 
 
 # ----------------------------------------------------------------------------------
@@ -164,6 +172,37 @@ class Statistics:
         stats.tensors_, stats._rows = dict(tensors), []
         return stats
 
+    @staticmethod
+    def shapes(weight_shape: Sequence[int], kinds: Sequence[str] = KINDS, groups: int = 1,
+               side_shifts: bool = False) -> dict[str, tuple[int, ...]]:
+        """The stored tensors (the table above) and their shapes, for a layer of weight
+        shape ``weight_shape`` whose neurons read ``groups`` groups of input channels,
+        fitted for ``kinds``, with the shifts of each side of ``y`` (a fit with
+        ``mean_y="masked"``) or without: what a file's statistics must hold."""
+        j, rest = weight_shape[0], tuple(weight_shape[1:])
+        fitted = output_groups(tuple(k for k in KINDS if k in kinds))
+        cover = (1, *rest[1:]) if rest else ()
+        shapes = {"n": (), "shift_x": (groups, *rest[:1], *[1] * (len(rest) - 1)), "shift_y": (j,),
+                  "sum_y": (j,)}
+        if side_shifts and "active" in fitted:
+            shapes.update({"shift_y.y_pos": (j,), "shift_y.y_neg": (j,)})
+        for group in fitted:
+            shapes.update({f"x.{group}": (groups if group == "ones" else j, *rest),
+                           f"cover.{group}": (1 if group == "ones" else j, *cover),
+                           f"total.{group}": (1 if group == "ones" else j,)})
+        return shapes
+
+    @staticmethod
+    def stored_shapes(weight_shape: Sequence[int], kinds: Sequence[str], stored: Sequence[str],
+                      groups: int = 1) -> dict[str, tuple[int, ...]]:
+        """:meth:`shapes` for the statistics of a file: with the side shifts if it holds
+        either of them, and ``groups`` read from its input sums (1 where they do not
+        give a divisor of the neurons: the checks then name the wrong tensor)."""
+        j = weight_shape[0]
+        groups = groups if groups > 0 and j % groups == 0 else 1
+        return Statistics.shapes(weight_shape, kinds, groups,
+                                 any(key.startswith("shift_y.") for key in stored))
+
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors_[key]
 
@@ -207,15 +246,17 @@ class Statistics:
 
     def flush(self) -> None:
         """Add the gathered rows of a Linear layer to the sums: one matrix product per
-        group, in the products' dtype (the first one becomes the float64 sum itself)."""
+        group, in the products' dtype (the first one becomes the float64 sum itself), so
+        that no product is larger than one sum (VGG16's first dense layer: 0.4 GB of
+        float32 at a time, not 1.2)."""
         if not self._rows:
             return
         xs = torch.cat([r[0] for r in self._rows])
         gs = torch.cat([r[1] for r in self._rows])
         self._rows = []
         with _tf32(self.dtype == "tf32"):
-            for group, sums in self._split(gs.T @ xs).items():
-                self._accumulate(f"x.{group}", sums)
+            for group, rows in self._split(gs.T).items():
+                self._accumulate(f"x.{group}", rows @ xs)
 
     def all_reduce(self) -> None:
         """Sum the statistics of all ``torch.distributed`` ranks in place, after moving
@@ -483,21 +524,33 @@ class MissingPatternsError(ValueError):
 
 
 class LayerPatterns:
-    """The patterns of one layer, each shaped like the layer's weight (float64).
+    """The patterns of one layer, each shaped like the layer's weight, and the numbers of
+    samples they were estimated from.
 
     ``linear`` is ``a`` of the linear estimator S_a; ``positive`` and ``negative`` are
     ``a_+`` and ``a_-`` of the two-component estimator S_a+-. A fit with ``kinds``
-    holds only those; asking for another raises :class:`MissingPatternsError`.
+    holds only those; asking for another raises :class:`MissingPatternsError`. ``n`` is
+    the number of samples (images x output positions), ``n_pos`` (float64, ``(J,)``)
+    the samples on which each neuron was active; None where unknown (patterns made by
+    hand, or a fit of the linear pattern alone for ``n_pos``).
     """
 
     def __init__(self, linear: Tensor | None = None, positive: Tensor | None = None,
-                 negative: Tensor | None = None, layer: str = ""):
+                 negative: Tensor | None = None, layer: str = "", n: int | None = None,
+                 n_pos: Tensor | None = None):
         self._tensors = {k: t for k, t in zip(KINDS, (linear, positive, negative)) if t is not None}
         self.layer = layer
+        self.n = None if n is None else int(n)
+        self.n_pos = n_pos
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self._tensors)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the patterns (None if there are none)."""
+        return next((t.dtype for t in self._tensors.values()), None)
 
     def get(self, kind: str) -> Tensor:
         try:
@@ -623,9 +676,46 @@ def _pattern(side: _Side, w: Tensor, mu: Tensor, m: Tensor, vanishing: Tensor | 
     return c.mul_(scale.reshape(col)), zero
 
 
-def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_MEAN_Y
-                      ) -> tuple[LayerPatterns, dict[str, int]]:
+#: The solve makes the patterns of this many float64 numbers of a layer at a time (64
+#: MiB): a block of neurons, so that its temporaries stay small next to the sums.
+SOLVE_BLOCK_ELEMENTS = 2 ** 23
+
+
+def _pattern_dtype(dtype, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype patterns are held in: ``dtype`` (float32 or float64) if given, else the
+    model's dtype, at least float32 (None when neither is known)."""
+    if dtype is None:
+        if model_dtype is None:
+            return None
+        return torch.float64 if model_dtype == torch.float64 else torch.float32
+    if dtype not in PATTERN_DTYPES:
+        raise ValueError(f"patterns are held in torch.float32 or torch.float64, not {dtype!r}")
+    return dtype
+
+
+def _rows_of(t, rows: slice, j: int):
+    """``t`` for the neurons ``rows`` only, if it has one row per neuron (a view); a tensor
+    shared by the neurons, such as the input sums of one group, stays whole."""
+    return t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == j else t
+
+
+def _side_rows(side: _Side, rows: slice, j: int) -> _Side:
+    """The sums of ``side`` for the neurons ``rows`` only (views)."""
+    def cut(t):
+        return _rows_of(t, rows, j)
+
+    parts = [_Part(cut(p.xy), [(sign, cut(t)) for sign, t in p.x], cut(p.cover_y), cut(p.cover), cut(p.shift))
+             for p in side.parts]
+    return _Side(parts, cut(side.count), cut(side.mean_y))
+
+
+def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_MEAN_Y, *, dtype=None,
+                      free: bool = False) -> tuple[LayerPatterns, dict[str, int]]:
     """Compute a layer's patterns from its statistics (docs/math.md, section 3).
+
+    The patterns are made a block of neurons at a time (:data:`SOLVE_BLOCK_ELEMENTS`), in
+    float64, and stored in ``dtype``: the float64 temporaries of a block stay small next
+    to the sums (VGG16's first dense layer: 64 MiB against 0.8 GiB per sum).
 
     Parameters
     ----------
@@ -636,11 +726,17 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_M
         Which mean of ``y`` the two-component covariances subtract: the mean over the
         samples of the component (the default, the seminar text) or over all samples
         (the paper's formula and the authors' code).
+    dtype : torch.dtype, optional
+        The dtype of the patterns: float32 or float64; default the weight's dtype, at
+        least float32.
+    free : bool
+        Release the sums as soon as no remaining pattern needs them: ``stats`` is left
+        empty (what :func:`fit_patterns` does unless it keeps the statistics).
 
     Returns
     -------
     patterns : LayerPatterns
-        On the CPU, float64; the kinds the statistics were collected for.
+        On the CPU; the kinds the statistics were collected for, with the sample counts.
     counts : dict
         Neurons never active (``dead``), always active, and with a zero denominator.
     """
@@ -648,61 +744,53 @@ def estimate_patterns(stats: Statistics, weight: Tensor, mean_y: str = DEFAULT_M
         raise ValueError(f"mean_y must be one of {MEAN_Y_CONVENTIONS}, not {mean_y!r}")
     if not stats.tensors_ or stats.n <= 0:
         raise ValueError("the statistics hold no samples: fit on at least one batch")
+    dtype = _pattern_dtype(dtype, weight.dtype)
     s = stats.to("cpu")
+    if free:
+        stats.tensors_ = {}
     t = s.tensors_
     w = weight.detach().to("cpu")
     if w.dtype not in (torch.float32, torch.float64):
         w = w.to(torch.float64)
+    j = w.shape[0]
+    n, n_pos = t["n"], t.get("total.active")
     sides = _sides(s)
+    m_global = sides["all"].mean_y if "all" in sides else t["shift_y"] + t["sum_y"] / t["n"]
+    mu = per_neuron(t["shift_x"], j)
+    if free:
+        s.tensors_ = t = {}  # from here on only the sides hold the sums
     kind_side = {"linear": "all", "positive": "positive", "negative": "negative"}
+    block = max(1, SOLVE_BLOCK_ELEMENTS // max(1, w[0].numel()))
     result, zeros = {}, {}
-    mu = per_neuron(t["shift_x"], w.shape[0])
     for kind in s.kinds:
-        side = sides[kind_side[kind]]
+        side = sides.pop(kind_side[kind])
         own_mean = kind != "linear" and mean_y == "masked"
-        m = side.mean_y if own_mean else (sides["all"].mean_y if "all" in sides else
-                                          t["shift_y"] + t["sum_y"] / t["n"])
-        result[kind], zero = _pattern(side, w, mu, m, (side.count == 1) if own_mean else None)
-        zeros[kind] = zero & (side.count > 0)
-    degenerate = torch.zeros(w.shape[0], dtype=torch.bool)
+        m = side.mean_y if own_mean else m_global
+        pattern, zero = torch.empty(w.shape, dtype=dtype), torch.empty(j, dtype=torch.bool)
+        for start in range(0, j, block):
+            rows = slice(start, start + block)
+            vanishing = (side.count[rows] == 1) if own_mean else None
+            values, zero[rows] = _pattern(_side_rows(side, rows, j), w[rows], _rows_of(mu, rows, j), m[rows],
+                                          vanishing)
+            pattern[rows] = values
+            del values
+        result[kind], zeros[kind] = pattern, zero & (side.count > 0)
+        del side  # its sums go unless a pattern still to be made reads them
+    sides.clear()
+    degenerate = torch.zeros(j, dtype=torch.bool)
     for zero in zeros.values():
         degenerate |= zero
     counts = {"zero_denominator": int(degenerate.sum())}
-    if "active" in s.groups:
-        n_pos = t["total.active"]
-        counts.update(dead=int((n_pos == 0).sum()), always_active=int((n_pos == t["n"]).sum()))
-    patterns = LayerPatterns(**{k: v.reshape(weight.shape) for k, v in result.items()})
+    if n_pos is not None:
+        counts.update(dead=int((n_pos == 0).sum()), always_active=int((n_pos == n).sum()))
+    patterns = LayerPatterns(**{k: v.reshape(weight.shape) for k, v in result.items()},
+                             n=int(n), n_pos=None if n_pos is None else n_pos.clone())
     return patterns, counts
-
-
-# ----------------------------------------------------------------------------------
-# fingerprint of a model
-# ----------------------------------------------------------------------------------
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's architecture and weights.
-
-    Covers every module's qualified name and type, and every tensor of the state dict
-    (names, shapes and values rounded to float32, so a model cast to float64 keeps its
-    fingerprint).
-    """
-    h = hashlib.sha256()
-    for name, module in model.named_modules():
-        h.update(f"{name}:{type(module).__name__};".encode())
-    for name, t in model.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        if t.is_floating_point():
-            t = t.detach().to("cpu", torch.float32)
-        h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
-    return h.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------
 # Patterns: the fitted result
 # ----------------------------------------------------------------------------------
-class PatternFileError(ValueError):
-    """A patterns file is missing, unreadable, malformed, or holds non-finite values."""
-
-
 class Patterns:
     """The fitted patterns of a model, keyed by the qualified names of its layers.
 
@@ -712,8 +800,9 @@ class Patterns:
     fingerprint : str
         :func:`fingerprint` of the model the patterns belong to.
     statistics : dict[str, Statistics], optional
-        The sums the patterns were computed from (kept so they can be recomputed, with
-        another ``mean_y`` convention for instance, and saved).
+        The sums the patterns were computed from, where they were kept
+        (``fit_patterns(..., keep_statistics=True)``, or a file saved with them): to
+        recompute the patterns with the other ``mean_y`` convention, or to save them.
     mean_y : str
         The convention used for the two-component patterns.
     counts : dict[str, dict], optional
@@ -737,17 +826,34 @@ class Patterns:
     # -- construction --------------------------------------------------------------
     @classmethod
     def from_statistics(cls, plan: Plan, statistics: dict[str, Statistics], fingerprint: str,
-                        mean_y: str = DEFAULT_MEAN_Y) -> "Patterns":
-        layers, counts = {}, {}
-        for layer in plan:
-            layers[layer.name], counts[layer.name] = estimate_patterns(
-                statistics[layer.name], layer.weight(), mean_y)
-        return cls(layers, fingerprint, statistics, mean_y, counts)
+                        mean_y: str = DEFAULT_MEAN_Y, *, dtype=None, keep: bool = True) -> "Patterns":
+        """The patterns of every layer of ``plan`` from its statistics
+        (:func:`estimate_patterns`), in ``dtype`` (default: the model's, at least
+        float32). With ``keep=False`` each layer's statistics are freed as soon as its
+        patterns are made (and taken out of ``statistics``), the smallest layers first:
+        when the largest is solved, the others' sums have become their smaller patterns.
+        Otherwise the result keeps them."""
+        made = {}
+        order = list(plan) if keep else sorted(plan, key=lambda layer: layer.weight_shape.numel())
+        for layer in order:
+            stats = statistics[layer.name] if keep else statistics.pop(layer.name)
+            made[layer.name] = estimate_patterns(stats, layer.weight(), mean_y, dtype=dtype, free=not keep)
+            del stats
+            if not keep:
+                release_freed_memory()  # sums streamed into the heap: their pages go back now
+        layers = {layer.name: made[layer.name][0] for layer in plan}
+        counts = {layer.name: made[layer.name][1] for layer in plan}
+        return cls(layers, fingerprint, statistics if keep else None, mean_y, counts)
 
     # -- access --------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
         return list(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the patterns (float32 or float64; None if there are none)."""
+        return next((p.dtype for p in self.layers.values() if p.dtype is not None), None)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -777,8 +883,9 @@ class Patterns:
         return len(self.layers)
 
     def __repr__(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
         return (f"Patterns({len(self)} layers, kinds={list(self.kinds)}, mean_y={self.mean_y!r}, "
-                f"model {self.fingerprint[:8]})")
+                f"{dtype}, model {self.fingerprint[:8]})")
 
     def check(self, model: nn.Module, plan: Plan | None = None) -> None:
         """Raise :class:`PatternMismatchError` unless these patterns belong to ``model``."""
@@ -796,13 +903,18 @@ class Patterns:
 
     def inactive_outputs(self) -> list[int]:
         """The output neurons (classes) of the last layer that were never active
-        (``z > 0``) on the fitting data: their positive pattern is 0."""
+        (``z > 0``) on the fitting data: their positive pattern is 0. Read from the
+        active counts (``n_pos``), else from the statistics, else from the all-zero rows
+        of ``a_+`` (patterns made by hand)."""
         if not self.layers:
             return []
         last = self.names[-1]
+        n_pos = self[last].n_pos
         stats = self.statistics.get(last)
-        if stats is not None and "total.active" in stats.tensors_:
-            return torch.nonzero(stats.n_pos == 0).flatten().tolist()
+        if n_pos is None and stats is not None and "total.active" in stats.tensors_:
+            n_pos = stats.n_pos
+        if n_pos is not None:
+            return torch.nonzero(n_pos == 0).flatten().tolist()
         if "positive" in self[last].kinds:
             rows = self[last].positive.reshape(self[last].positive.shape[0], -1)
             return torch.nonzero((rows == 0).all(1)).flatten().tolist()
@@ -816,7 +928,7 @@ class Patterns:
         lines = [head, "-" * len(head)]
         for name, p in self.layers.items():
             c = self.counts.get(name, {})
-            n = int(self.statistics[name].n) if name in self.statistics else 0
+            n = p.n if p.n is not None else int(self.statistics[name].n) if name in self.statistics else 0
             neurons = next(iter(p.tensors().values())).shape[0]
             lines.append(f"{name:<24}{neurons:>8}{n:>14,}{c.get('dead', 0):>7}"
                          f"{c.get('always_active', 0):>10}{c.get('zero_denominator', 0):>10}")
@@ -826,106 +938,92 @@ class Patterns:
         return "\n".join(lines)
 
     # -- save / load ---------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the patterns and their statistics to a safetensors file."""
-        from safetensors.torch import save_file
+    def save(self, path: str | os.PathLike, *, statistics: bool = False, dtype=None) -> None:
+        """Write the patterns to a safetensors file (:mod:`toolkit.pattern_files`).
 
-        tensors = {}
-        for name, p in self.layers.items():
-            for kind, t in p.tensors().items():
-                tensors[f"{name}/{kind}"] = t.detach().cpu().contiguous()
-        for name, s in self.statistics.items():
-            for key, t in s.tensors().items():
-                tensors[f"{name}/stats/{key}"] = t.detach().cpu().contiguous()
-        metadata = {
-            "format": FILE_FORMAT,
-            "version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "mean_y": self.mean_y,
-            "layers": json.dumps(self.names),
-            "kinds": json.dumps({name: list(p.kinds) for name, p in self.layers.items()}),
-            "counts": json.dumps(self.counts),
-            **({"mask": self.mask} if self.mask else {}),
-        }
-        save_file(tensors, str(path), metadata=metadata)
+        By default the file holds the patterns alone, in the dtype they are held in
+        (float32 for a float32 model: about the size of the model's weights per pattern
+        kind), with the sample counts and the fit's settings.
+
+        Parameters
+        ----------
+        path : path
+            The file; written whole or not at all. If it cannot be written, an
+            :class:`OSError` (such as :class:`PermissionError`) names it.
+        statistics : bool
+            Also write the float64 statistics the patterns were computed from (two to
+            four times the patterns' size). They are needed to recompute the patterns
+            with the other ``mean_y`` convention (:func:`toolkit.compare.with_mean_y`),
+            or to add them to another fit's; a fit's ``checkpoint`` holds them too and
+            resumes an interrupted fit. Requires patterns that kept them
+            (``fit_patterns(..., keep_statistics=True)``).
+        dtype : torch.dtype, optional
+            Write the patterns in float32 or float64 instead.
+        """
+        if statistics and set(self.statistics) != set(self.names):
+            raise ValueError("these patterns keep no statistics to save: fit them with "
+                             "fit_patterns(..., keep_statistics=True), or save without statistics")
+        dtype = _pattern_dtype(dtype)
+        layers = {name: LayerRecord({k: t.to(dtype or t.dtype) for k, t in p.tensors().items()}, p.n, p.n_pos,
+                                    self.statistics[name].tensors() if statistics else None)
+                  for name, p in self.layers.items()}
+        write_patterns(path, PatternFile(self.fingerprint, self.mean_y, layers, self.counts, self.mask))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Patterns":
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *, dtype=None) -> "Patterns":
         """Read patterns written by :meth:`save`; with ``model``, check they belong to it.
 
-        The file format (safetensors) holds only tensors and text: loading runs no code.
-        Every problem with the file is a :class:`PatternFileError` (or
-        :class:`FileNotFoundError`) that names it: unreadable, not a patterns file,
-        missing or malformed metadata, missing tensors, non-finite values, or (with
-        ``model``) patterns shaped unlike the model's layers.
+        Files of every readable version (:data:`toolkit.pattern_files.READABLE_VERSIONS`)
+        load: version 3 as written; versions 1 and 2 (float64 patterns with their
+        statistics) with version 2's statistics, and version 1's sample counts only. The
+        file format (safetensors) holds only tensors and text: loading runs no code.
+        Every tensor read is checked (dtype, shape, finite values), and every problem
+        with the file is a :class:`PatternFileError` (or :class:`FileNotFoundError`) that
+        names it, and the tensor where one is to blame: unreadable, not a patterns file,
+        another version, missing or malformed metadata, missing, extra or malformed
+        tensors, or (with ``model``) patterns shaped unlike the model's layers.
+
+        Parameters
+        ----------
+        path : path
+        model : nn.Module, optional
+        dtype : torch.dtype, optional
+            Hold the patterns in float32 or float64; default the file's dtype.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no patterns file at {path}")
-        meta, tensors = _read_safetensors(path)
-        if meta.get("format") != FILE_FORMAT:
-            raise PatternFileError(f"{path} is not a patterns file written by Patterns.save")
-        try:
-            names = json.loads(meta["layers"])
-            kinds = json.loads(meta["kinds"]) if "kinds" in meta else {n: list(KINDS) for n in names}
-            counts = json.loads(meta.get("counts", "{}"))
-            model_fp, mean_y = meta["fingerprint"], meta["mean_y"]
-        except (KeyError, json.JSONDecodeError) as error:
-            raise PatternFileError(f"{path} has missing or malformed metadata ({error!r})") from None
-        if not isinstance(names, list) or mean_y not in MEAN_Y_CONVENTIONS or not isinstance(kinds, dict):
-            raise PatternFileError(f"{path} has malformed metadata (layers, kinds or mean_y)")
-        layers, statistics = {}, {}
-        for name in names:
-            try:
-                found = {k: tensors[f"{name}/{k}"] for k in kinds[name]}
-            except KeyError as error:
-                raise PatternFileError(f"{path} lacks the tensor {error} of layer '{name}'") from None
-            for kind, t in found.items():
-                if not torch.isfinite(t).all():
-                    raise PatternFileError(f"{path}: the {kind} pattern of layer '{name}' holds NaN or Inf")
-            layers[name] = LayerPatterns(**found)
-            prefix = f"{name}/stats/"
-            stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if stats and meta.get("version") == "1":
-                warnings.warn(f"{path} was written by an older version: its patterns are read, "
-                              "its statistics (in an older layout) are left out", UserWarning)
-            elif stats:
-                try:
-                    statistics[name] = Statistics.from_tensors(stats, kinds[name])
-                except KeyError as error:
-                    raise PatternFileError(f"{path}: the statistics of layer '{name}' lack {error}") from None
-        patterns = cls(layers, model_fp, statistics, mean_y, counts, meta.get("mask"))
+        contents = read_patterns(path, KINDS, Statistics.stored_shapes)
+        if contents.mean_y not in MEAN_Y_CONVENTIONS:
+            raise PatternFileError(f"{path} has malformed metadata (mean_y {contents.mean_y!r})")
+        dtype = _pattern_dtype(dtype)
+        layers = {name: LayerPatterns(**{k: t.to(dtype or t.dtype) for k, t in r.patterns.items()},
+                                      n=r.n, n_pos=r.n_pos)
+                  for name, r in contents.layers.items()}
+        statistics = {name: Statistics.from_tensors(r.statistics, list(r.patterns))
+                      for name, r in contents.layers.items() if r.statistics is not None}
+        patterns = cls(layers, contents.fingerprint, statistics, contents.mean_y, contents.counts,
+                       contents.mask)
         if model is not None:
             _check_shapes(patterns, model, path)
             patterns.check(model)
         return patterns
 
 
-FILE_FORMAT = "patternnet-toolkit-patterns"
-
-
-def _read_safetensors(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:  # safetensors raises its own error types for bad files
-        raise PatternFileError(f"{path} cannot be read as a safetensors file ({error})") from None
-
-
 def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
     modules = dict(model.named_modules())
     for name, p in patterns.layers.items():
         module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
+        ops = None if module is None else adapter_for(module)
+        if ops is None:
             raise PatternMismatchError(f"{path} holds patterns for a layer '{name}' that this model "
                                        "does not have: they were fitted for another model")
+        shape = tuple(ops(module).weight_shape)
         for kind, t in p.tensors().items():
-            if tuple(t.shape) != tuple(module.weight.shape):
+            if tuple(t.shape) != shape:
                 raise PatternMismatchError(
                     f"{path}: the {kind} pattern of layer '{name}' has shape {tuple(t.shape)}, the "
-                    f"layer's weight {tuple(module.weight.shape)}: fitted for another model")
+                    f"layer's weight {shape}: fitted for another model")
 
 
 # ----------------------------------------------------------------------------------
@@ -935,7 +1033,8 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
                  device=None, max_batches: int | None = None, progress: bool = True,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
                  mean_y: str = DEFAULT_MEAN_Y, compute_dtype=None, batch_size: int = 64,
-                 mask: str | None = None) -> Patterns:
+                 mask: str | None = None, keep_statistics: bool = False,
+                 pattern_dtype=None) -> Patterns:
     """Fit the linear and two-component patterns of every Conv2d/Linear layer of ``model``.
 
     Parameters
@@ -984,6 +1083,15 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
         ``z > 0``, or the input of the ReLU after the addition. Default
         :data:`toolkit.layers.DEFAULT_MASK`; the same for every layer of a chain
         (docs/math.md, section 6).
+    keep_statistics : bool
+        Keep the float64 sums in ``Patterns.statistics`` (two to four times the size of
+        the patterns): to recompute the patterns with the other ``mean_y``
+        (:func:`toolkit.compare.with_mean_y`), or to save them with the patterns
+        (``save(..., statistics=True)``). By default each layer's sums are freed as soon
+        as its patterns are made, so the fit needs little more memory than its sums.
+    pattern_dtype : torch.dtype, optional
+        The dtype the patterns are held in: float32 or float64. Default: the model's
+        dtype, at least float32. The patterns are always computed in float64.
 
     Returns
     -------
@@ -1008,7 +1116,8 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
                     desc="fitting patterns", device=device, max_batches=max_batches,
                     progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                     batch_size=batch_size, mask=mask)
-    patterns = Patterns.from_statistics(result.plan, result.accumulators, result.model_fingerprint, mean_y)
+    patterns = Patterns.from_statistics(result.plan, result.accumulators, result.model_fingerprint, mean_y,
+                                        dtype=pattern_dtype, keep=keep_statistics)
     patterns.mask = result.mask
     inactive = patterns.inactive_outputs()
     if inactive:

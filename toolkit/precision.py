@@ -82,7 +82,8 @@ def pattern_difference(patterns, reference, min_samples: int = 100,
     Parameters
     ----------
     patterns, reference : toolkit.patterns.Patterns
-        ``reference`` must carry its statistics (as fitted patterns do).
+        ``reference`` must carry its sample counts (``n`` and ``n_pos`` of each layer's
+        patterns, as fitted and loaded patterns do).
     min_samples : int
     min_fraction : float
 
@@ -93,17 +94,21 @@ def pattern_difference(patterns, reference, min_samples: int = 100,
     """
     out = {}
     for name in reference.names:
-        stats = reference.statistics[name]
-        counts = {"linear": stats.n.expand_as(stats.n_pos), "positive": stats.n_pos,
-                  "negative": stats.n - stats.n_pos}
+        counted = reference[name]
+        if counted.n is None or counted.n_pos is None:
+            raise ValueError(f"the reference patterns of layer '{name}' carry no sample counts: "
+                             "compare with fitted (or loaded) patterns")
+        n = torch.tensor(float(counted.n), dtype=torch.float64)
+        counts = {"linear": n.expand_as(counted.n_pos), "positive": counted.n_pos,
+                  "negative": n - counted.n_pos}
         worst = 0.0
-        for kind, ref in reference[name].tensors().items():
+        for kind, ref in counted.tensors().items():
             ref = ref.to(torch.float64).reshape(ref.shape[0], -1)
             a = getattr(patterns[name], kind).to(torch.float64).reshape(ref.shape)
             norm = ref.norm(dim=1)
             diff = (a - ref).norm(dim=1)
             relative = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1.0), diff)
-            kept = counts[kind].cpu() >= max(min_samples, min_fraction * float(stats.n))
+            kept = counts[kind].cpu() >= max(min_samples, min_fraction * float(n))
             if kept.any():
                 worst = max(worst, float(relative[kept].max()))
         out[name] = worst

@@ -114,6 +114,14 @@ KAPPA_RTOL = 1e-8
 ONE_INPUT = "one input per neuron: every estimator's signal is the input, its distractor 0, rho undefined"
 
 
+def _kappa_rtol(*patterns: Tensor) -> float:
+    """:data:`KAPPA_RTOL`, plus the round-off of patterns held in a narrower dtype than
+    float64: rounding each entry of ``a`` to float32 moves ``w^T a`` by up to
+    ``eps_32 / 2 * sum_i |w_i a_i| <= eps_32 / 2 |w| |a|``."""
+    widest = max((torch.finfo(p.dtype).eps for p in patterns if p.dtype != torch.float64), default=0.0)
+    return KAPPA_RTOL + widest
+
+
 # ----------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------
@@ -678,8 +686,8 @@ def _rho_block(cov: _Covariances, whitening: _Whitening, groups: slice, w: Tenso
         w_dot_a = (a @ w[:, :, None])[:, :, 0]
         kappa = 1 - w_dot_a
         # w^T a = 1 up to round-off for every estimator here; only a fallback pattern differs
-        kappa = torch.where(kappa.abs() <= KAPPA_RTOL * a.norm(dim=2) * w.norm(dim=1)[:, None],
-                            torch.zeros_like(kappa), kappa)
+        round_off = _kappa_rtol(a_pos, a_neg) * a.norm(dim=2) * w.norm(dim=1)[:, None]
+        kappa = torch.where(kappa.abs() <= round_off, torch.zeros_like(kappa), kappa)
         if linear_type:
             e = unexplained_linear(gram_a[:, 0, 0], w_dot_a[:, 0], var_f, kappa[:, 0] == 0)
         else:
@@ -746,7 +754,7 @@ def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
         gram = (a_white * a_white).sum(1)
         w_dot_a = (a * w).sum(1)
         kappa = 1 - w_dot_a
-        on_plane = kappa.abs() <= KAPPA_RTOL * a.norm(dim=1) * w.norm(dim=1)
+        on_plane = kappa.abs() <= _kappa_rtol(a_pos) * a.norm(dim=1) * w.norm(dim=1)
         e = unexplained_linear(gram, w_dot_a, var_f, on_plane)
         # trace(Sigma_d) with Sigma_d = (I - a w^T) Sigma (I - w a^T)
         sigma_w = (sigma @ w[:, :, None])[:, :, 0]

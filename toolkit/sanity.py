@@ -443,7 +443,7 @@ def input_invariance(model: nn.Module, data, inputs: Tensor, shift=1.0, methods=
     if kinds:
         from toolkit.compare import with_mean_y
 
-        options = {"mean_y": conventions[0], **(fit_options or {})}
+        options = {"mean_y": conventions[0], "keep_statistics": True, **(fit_options or {})}
         fitted = {"original": fit_quietly(f1, _fitting_batches(data, batch_size, dtype), kinds, **options),
                   "twin": fit_quietly(f2, _fitting_batches(data, batch_size, dtype, c), kinds, **options)}
         for convention in conventions:

@@ -18,10 +18,12 @@ what differs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -30,9 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.distributed import check_all_ranks_have_data, own_batches, rank_and_world
-import dataclasses
-import warnings
-
+from toolkit.fingerprint import fingerprint
 from toolkit.layers import Layer, Plan, evaluation_mode, observe, trace
 from toolkit.memory import reuse_freed_memory
 
@@ -346,7 +346,7 @@ def stream(model: nn.Module, data, accumulator: Callable[[Layer], Accumulator], 
         model = copy.deepcopy(model).to(device)
     from toolkit.layers import DEFAULT_MASK, check_mask
 
-    run = _Run(device, model_fingerprint=_model_fingerprint(model), data=BatchFingerprint(),
+    run = _Run(device, model_fingerprint=fingerprint(model), data=BatchFingerprint(),
                mask=check_mask(DEFAULT_MASK if mask is None else mask))
     ckpt = _agree(lambda: Checkpoint.at(checkpoint, rank, world, checkpoint_every,
                                         run.model_fingerprint), world, device)
@@ -389,12 +389,6 @@ def _sharded(data) -> bool:
     from toolkit.distributed import is_sharded
 
     return is_sharded(data)
-
-
-def _model_fingerprint(model: nn.Module) -> str:
-    from toolkit.patterns import fingerprint
-
-    return fingerprint(model)
 
 
 def _agree(step: Callable, world: int, device: torch.device):

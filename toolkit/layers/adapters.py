@@ -28,6 +28,7 @@ no other module asks which type a layer is.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -202,6 +203,19 @@ class LinearOps(NeuronOps):
         return x.reshape(-1, x.shape[-1])
 
 
+@contextmanager
+def _without_onednn(switch: bool):
+    """oneDNN off for the block (if ``switch``), and back as it was. Only the one switch:
+    ``torch.backends.mkldnn.flags`` would set its TF32 flag too, which warns."""
+    before = torch.backends.mkldnn.enabled
+    if switch:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 #: torch.nn.grad's products of each convolution dimension: (input gradient, weight gradient).
 _CONV_GRADS = {1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
                2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
@@ -281,11 +295,19 @@ class ConvOps(NeuronOps):
         return full
 
     def patch_sums(self, x, g):
+        """The weight gradient. For an ordinary 2-D convolution on the CPU through torch's
+        own kernel (im2col and a matrix product), not oneDNN's: oneDNN's float32 weight
+        gradient adds the products of a batch's samples with an error that grows with
+        their number (5e-5 relative on the active-side sums of 32 images of 32x32,
+        against 9e-7), and is no faster on VGG16's layers. For 1-D, 3-D and grouped
+        convolutions torch's own kernel is 4 to 27 times slower than oneDNN's, which
+        they keep (docs/math.md, section 3.2)."""
         m, padding = self.module, self._symmetric()
         if padding is None:
             x, padding = self._pad(x), 0
         shape = (g.shape[1], x.shape[1] // m.groups, *self.kernel)
-        return _CONV_GRADS[self.dims][1](x, shape, g, m.stride, padding, m.dilation, m.groups)
+        with _without_onednn(x.device.type == "cpu" and self.dims == 2 and m.groups == 1):
+            return _CONV_GRADS[self.dims][1](x, shape, g, m.stride, padding, m.dilation, m.groups)
 
     def cover_sums(self, input_shape, g):
         """Shaped ``(rows, 1, *kernel)``. Whether kernel position ``a`` of output position
