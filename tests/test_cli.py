@@ -132,6 +132,8 @@ def test_a_torchvision_family_beyond_vgg_is_fitted_and_explained(workspace, tmp_
     out = tmp_path / f"{name}.patterns.safetensors"
     assert main(["fit", *model, "--workers", "0", "--data", str(workspace / "imagenet"), "--max-images", "6", "--batch-size", "3",
                  "--out", str(out), "--quiet"]) == 0
+    summary = capsys.readouterr().out   # hundreds of classes never predicted: listed in short
+    assert "in all)]" in summary and max(len(line) for line in summary.splitlines()) < 200
     images = workspace / "imagenet" / "val" / CLASSES[0]
     assert main(["explain", *model, "--patterns", str(out), "--method", "patternattribution", "--kind",
                  "linear", str(images), "--out", str(tmp_path / "figures")]) == 0

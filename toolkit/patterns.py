@@ -934,7 +934,7 @@ class Patterns:
                          f"{c.get('always_active', 0):>10}{c.get('zero_denominator', 0):>10}")
         inactive = self.inactive_outputs()
         if inactive:
-            lines.append(f"output neurons never active on the fitting data: {inactive}")
+            lines.append(f"output neurons never active on the fitting data: {_listed(inactive)}")
         return "\n".join(lines)
 
     # -- save / load ---------------------------------------------------------------
@@ -1029,6 +1029,13 @@ def _check_shapes(patterns: Patterns, model: nn.Module, path: Path) -> None:
 # ----------------------------------------------------------------------------------
 # fitting
 # ----------------------------------------------------------------------------------
+def _listed(indices: list[int], shown: int = 10) -> str:
+    """``[0, 2, 3]``, or the first ``shown`` of a long list and how many in all."""
+    if len(indices) <= shown:
+        return str(list(indices))
+    return "[" + ", ".join(map(str, indices[:shown])) + f", ... ({len(indices)} in all)]"
+
+
 def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KINDS,
                  device=None, max_batches: int | None = None, progress: bool = True,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
@@ -1121,9 +1128,9 @@ def fit_patterns(model: nn.Module, data: Iterable, *, kinds: Sequence[str] = KIN
     patterns.mask = result.mask
     inactive = patterns.inactive_outputs()
     if inactive:
-        shown = ", ".join(map(str, inactive[:10])) + (f", ... ({len(inactive)} in all)" if len(inactive) > 10 else "")
+        shown = _listed(inactive)
         warnings.warn(
-            f"output neurons [{shown}] of layer '{patterns.names[-1]}' were never active "
+            f"output neurons {shown} of layer '{patterns.names[-1]}' were never active "
             "(z > 0) on the fitting data: their positive pattern is 0, so PatternNet and "
             "PatternAttribution with the two-component estimator cannot explain these classes; "
             "fit on data where they are predicted, or use the linear estimator for them",
