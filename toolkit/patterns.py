@@ -297,22 +297,28 @@ class Statistics:
         in float32. (For ``mean_y="global"`` every side is shifted by ``shift_y``, near the
         mean over all samples that convention subtracts.)"""
         t = self.tensors_
-        counts = {"y_pos": t.get("total.active"), "y_neg": None}
-        if counts["y_pos"] is not None:
-            counts["y_neg"] = t["n"] - counts["y_pos"]
-        on = layer.ops.neuron_values(active if active is not None else z > 0)
-        values, bias = None, layer.bias().double()
-        for stat, side in (("y_pos", on), ("y_neg", ~on)):
-            missing = empty if empty is not None else counts[stat] == 0
-            if not bool(missing.any()):
+        if empty is not None:
+            missing = {"y_pos": empty, "y_neg": empty}
+        else:
+            missing = {"y_pos": t["total.active"] == 0, "y_neg": t["n"] - t["total.active"] == 0}
+        if not any(bool(m.any()) for m in missing.values()):
+            return  # every side has its shift (the usual case after the first batch)
+        dim = layer.ops.neuron_dim % z.dim()
+        samples = [d for d in range(z.dim()) if d != dim]
+        on = active if active is not None else z > 0
+        count_on = on.sum(samples)
+        bias = layer.bias().double()
+        for stat, count in (("y_pos", count_on), ("y_neg", z.numel() // z.shape[dim] - count_on)):
+            moved = (missing[stat] & (count > 0)).nonzero().squeeze(1)
+            if not len(moved):
                 continue
-            count = side.sum(0)
-            moved = missing & (count > 0)
-            if not bool(moved.any()):
-                continue
-            values = layer.ops.neuron_values(z).double() if values is None else values
-            side_mean = ((values * side).sum(0) / count.clamp(min=1)).to(dtype).double()
-            t[f"shift_y.{stat}"] = torch.where(moved, side_mean - bias, t[f"shift_y.{stat}"])
+            side = on.index_select(dim, moved)          # only the neurons whose shift moves
+            side = side if stat == "y_pos" else ~side
+            values = z.index_select(dim, moved).double()
+            side_mean = ((values * side).sum(samples) / count[moved]).to(dtype).double()
+            shift = t[f"shift_y.{stat}"].clone()
+            shift[moved] = side_mean - bias[moved]
+            t[f"shift_y.{stat}"] = shift
 
     def _fill(self, g: Tensor, z: Tensor, offsets: dict[str, Tensor], channel: int, groups: int,
               active: Tensor | None) -> Tensor | None:
