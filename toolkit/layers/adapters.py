@@ -223,6 +223,17 @@ _CONV_GRADS = {1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def batchnorm_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``z = scale * x + shift`` per channel, detached."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
 @layer_type(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvOps(NeuronOps):
     """A convolution of 1, 2 or 3 dimensions, any stride, dilation, zero padding (numbers,
@@ -385,14 +396,7 @@ class BatchNormOps(NeuronOps):
     neuron_dim = 1
 
     def _scale_shift(self) -> tuple[Tensor, Tensor]:
-        bn = self.module
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        return scale.detach(), shift.detach()
+        return batchnorm_scale_shift(self.module)
 
     def check(self):
         if self.module.running_var is None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from toolkit.layers.activations import activation_of_module
-from toolkit.layers.adapters import BATCHNORMS, ConvOps, NeuronOps, adapter_for
+from toolkit.layers.adapters import BATCHNORMS, ConvOps, NeuronOps, adapter_for, batchnorm_scale_shift
 from toolkit.layers.tracing import (PASSIVE_MODULES, ModelGraph, UnsupportedLayerError, UntraceableError,
                                     passive_refusal, trace_graph, unsupported)
 from toolkit.layers import operations
@@ -88,14 +88,7 @@ class Layer:
 
     # -- folded parameters ----------------------------------------------------------
     def _batchnorm_scale_shift(self) -> tuple[Tensor, Tensor]:
-        bn = self.batchnorm
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        return scale.detach(), shift.detach()
+        return batchnorm_scale_shift(self.batchnorm)
 
     def weight(self) -> Tensor:
         """The layer's linear map ``W`` (BatchNorm folded in), detached."""
