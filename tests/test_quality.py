@@ -458,6 +458,33 @@ def test_active_regime_with_one_sided_neurons_and_constant_inputs():
         float(everything.per_neuron["2"]["linear"][1]), abs=1e-9)
 
 
+@pytest.mark.parametrize("intervals", [None, "split_half"])
+def test_active_regime_with_a_neuron_active_on_one_sample(intervals):
+    """A neuron active on a single sample has a zero covariance up to round-off (moments
+    added over blocks of images are re-expressed about one shift: not exactly zero), which
+    need not factorise: it is undefined, and the other neurons are measured as without it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([1.0, 0.3, 0.0, 0.0], dtype=torch.float64)
+        model[0].bias[0] = -10.0
+    g = torch.Generator().manual_seed(4)
+    fit = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    fit[::50, 0] = 20.0  # eight fitting samples make neuron 0 active, so it has patterns
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    x[7, 0] = 20.0       # one measuring sample does
+    assert (model[0](x)[:, 0] > 0).sum() == 1
+    patterns = fit_patterns(model, fit.split(100), progress=False)
+    result = layer_quality(model, patterns, x, layers=["0"], progress=False, regime="active",
+                           intervals=intervals, blocks=3, batch_size=50)
+    expected = reference(model, patterns, x, regime="active")["0"]
+    for est in MEASURABLE:
+        got = result.per_neuron["0"][est].numpy()
+        assert np.isnan(got[0]) and not result.defined["0"][est][0]
+        np.testing.assert_allclose(got[1:], expected[est][1:], rtol=0, atol=1e-9)
+        assert np.isfinite(got[1:]).all()
+
+
 def test_active_regime_on_a_subset_of_neurons(fitted):
     model, patterns = fitted
     x = images(300, seed=2)

@@ -165,3 +165,26 @@ def test_halves_too_small_for_rho_give_no_interval(quality_setup):
     assert np.isnan(result.interval("4", "linear").low)
     assert result.interval("4", "linear").sign == "~"
     assert intervals.RELATIONS["~"] == "indistinguishable here"
+
+
+@pytest.mark.parametrize("method, shape", [("split_half", (3, 2, 4)), ("bootstrap", (5, 4))])
+def test_a_layer_undefined_on_all_images_is_not_resampled(quality_setup, monkeypatch, method, shape):
+    # the dense layer's neurons 1 and 2 are active on 27 and 1 of the first 100 images, no more
+    # than its D + 1 = 49 inputs: their rho is undefined on all the images and on every subset of
+    # them, though every half holds more than 49 samples; the intervals say so without
+    # evaluating a single subset
+    import toolkit.quality as quality
+
+    model, patterns, data = quality_setup
+    assert (model(data[:100])[:, 1:3] > 0).sum(0).tolist() == [27, 1]
+    evaluated = []
+    original = quality._layer_means
+    monkeypatch.setattr(quality, "_layer_means", lambda layer, *a, **k: evaluated.append(layer.name)
+                        or original(layer, *a, **k))
+    result = layer_quality(model, patterns, data[:100], layers=["0", "4"], progress=False, regime="active",
+                           neurons={"0": 2, "4": [1, 2]}, intervals=method, blocks=4, resamples=shape[0])
+    assert all(np.isnan(result.mean["4"][e]) for e in result.estimators)
+    assert result.replicates["4"].shape == shape and np.isnan(result.replicates["4"]).all()
+    assert result.interval("4", "linear").sign == "~"
+    assert "4" not in evaluated and "0" in evaluated      # the defined layer is still resampled
+    assert np.isfinite(result.replicates["0"]).all()

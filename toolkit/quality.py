@@ -493,16 +493,31 @@ class _Whitening:
         return torch.linalg.solve_triangular(self.factor[batch], rows.mT, upper=False).mT
 
 
-def _largest_eigenvalues(sigma: Tensor, iterations: int = 30) -> Tensor:
-    """An estimate of ``lambda_max`` of each PSD matrix of a batch ``(B, D, D)`` (power
-    iteration from a fixed start), never below its largest diagonal entry or its mean
-    eigenvalue."""
+#: Matrices up to this size get their largest eigenvalue from ``torch.linalg.eigvalsh``
+#: (faster there than power iteration), larger ones from power iteration.
+EXACT_EIGENVALUES_UP_TO = 64
+
+
+def _largest_eigenvalues(sigma: Tensor, iterations: int = 30, rtol: float = 1e-6) -> Tensor:
+    """``lambda_max`` of each PSD matrix of a batch ``(B, D, D)``: exact up to
+    :data:`EXACT_EIGENVALUES_UP_TO`, above it an estimate (power iteration from a fixed
+    start, at most ``iterations`` steps, stopped early once every Rayleigh quotient changes
+    by less than ``rtol`` over five steps) never below the largest diagonal entry or the
+    mean eigenvalue. It sets the scale of an eigenvalue floor, so a relative error far
+    above round-off is harmless."""
+    if sigma.shape[-1] <= EXACT_EIGENVALUES_UP_TO:  # small matrices: exact, and faster
+        return torch.linalg.eigvalsh(sigma)[:, -1].clamp(min=0)
     v = torch.ones(sigma.shape[:2], dtype=sigma.dtype, device=sigma.device)
     v[:, 1::2] = 0.5  # not orthogonal to a dominant direction of alternating sign either
-    for _ in range(iterations):
-        v = (sigma @ v[:, :, None])[:, :, 0]
-        v = v / v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
-    rayleigh = (v[:, None, :] @ sigma @ v[:, :, None])[:, 0, 0]
+    v = v / v.norm(dim=1, keepdim=True)
+    rayleigh = None
+    for step in range(1, iterations + 1):
+        sigma_v = (sigma @ v[:, :, None])[:, :, 0]
+        if step % 5 == 0 or step == iterations:
+            previous, rayleigh = rayleigh, (v * sigma_v).sum(1)  # v has unit norm
+            if previous is not None and bool(((rayleigh - previous).abs() <= rtol * rayleigh.abs()).all()):
+                break
+        v = sigma_v / sigma_v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
     diagonal = sigma.diagonal(dim1=1, dim2=2)
     return torch.maximum(rayleigh, torch.maximum(diagonal.max(1).values, diagonal.mean(1)))
 
@@ -743,9 +758,12 @@ def rho_active_from_moments(moments: ActiveLayerMoments, weight: Tensor,
     w = _rows(weight).to(sigma.device)[index.to(sigma.device)]
     var_y = ((w[:, None, :] @ sigma @ w[:, :, None])[:, 0, 0])
     trace_x = sigma.diagonal(dim1=1, dim2=2).sum(1)
-    whitening = _Whitening.of(sigma, ridge, rtol)
-    var_f = var_y + whitening.jitter * (w * w).sum(1)
     enough = n > dim + 1
+    # a neuron with too few active samples is undefined whatever its covariance, which may not
+    # even factorise (one sample: zero up to round-off); it is whitened with the identity
+    eye = torch.eye(dim, dtype=sigma.dtype, device=sigma.device)
+    whitening = _Whitening.of(torch.where(enough[:, None, None], sigma, eye), ridge, rtol)
+    var_f = var_y + whitening.jitter * (w * w).sum(1)
     y_constant = var_y <= ZERO_VARIANCE_RTOL * (w * w).sum(1) * trace_x
     rho, defined = {}, {}
     for name, (a_pos, _) in patterns.items():
@@ -1212,11 +1230,13 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
 INTERVAL_METHODS = ("split_half", "bootstrap")
 
 
-def _dealt_into_blocks(data, intervals: str, blocks: int, batch_size: int) -> tuple[object, list[int] | None]:
-    """The data and the block of each of its batches. A tensor (or an iterable of fewer
-    batches than ``blocks``, joined into one) is cut into ``blocks`` runs of consecutive
-    images, then into batches; any other iterable deals its batches in turn (``None``: the
-    block of batch ``i`` is ``i % blocks``), without holding them."""
+def _dealt_into_blocks(data, intervals: str, blocks: int, batch_size: int) -> tuple[object, list | None]:
+    """The data and, per batch, which rows go to which block. A tensor (or an iterable of
+    fewer batches than ``blocks``, joined into one) is cut into ``blocks`` runs of
+    consecutive images and streamed in batches of ``batch_size`` that may span two runs
+    (each batch's rows are split between the blocks as they are added); any other iterable
+    deals its batches in turn (``None``: the block of batch ``i`` is ``i % blocks``),
+    without holding them. Joined batches are streamed again at the size they had."""
     from toolkit.distributed import rank_and_world
     from toolkit.streaming import input_batches
 
@@ -1228,31 +1248,43 @@ def _dealt_into_blocks(data, intervals: str, blocks: int, batch_size: int) -> tu
         raise ValueError("intervals are not available under several processes: measure them "
                          "in one process")
     if not isinstance(data, Tensor) and hasattr(data, "__len__") and len(data) < blocks:
-        data = torch.cat(list(input_batches(data, batch_size)))
+        given = list(input_batches(data, batch_size))
+        data, batch_size = torch.cat(given), max(len(batch) for batch in given)  # batches as given
     if not isinstance(data, Tensor):
         return data, None
     if data.dim() < 2 or data.shape[0] < blocks:
         raise ValueError(f"intervals over {blocks} blocks need at least {blocks} images, "
                          f"got data of shape {tuple(data.shape)}")
-    batches, owner = [], []
-    for index, block in enumerate(torch.tensor_split(data, blocks)):
-        for batch in block.split(batch_size):
-            batches.append(batch)
-            owner.append(index)
-    return batches, owner
+    block_of = torch.cat([torch.full((len(rows),), k) for k, rows in
+                          enumerate(torch.tensor_split(torch.arange(data.shape[0]), blocks))])
+    owner = []
+    for start in range(0, data.shape[0], batch_size):
+        of_batch = block_of[start:start + batch_size]
+        owner.append([(int(k), slice(int(first), int(first + count))) for k, first, count in
+                      zip(*_runs(of_batch))])
+    return list(data.split(batch_size)), owner
+
+
+def _runs(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The runs of equal consecutive values: each run's value, first index and length."""
+    value, count = torch.unique_consecutive(values, return_counts=True)
+    return value, torch.cumsum(count, 0) - count, count
 
 
 class BlockMoments:
     """The moments of one layer kept per block of images (for the intervals of
     :func:`layer_quality`); the interface of :class:`LayerMoments` for
-    :func:`toolkit.streaming.stream`, each batch added to its block's moments."""
+    :func:`toolkit.streaming.stream`, each batch's rows added to their block's moments."""
 
-    def __init__(self, parts: list, owner: list[int] | None = None):
+    def __init__(self, parts: list, owner: list | None = None):
         self.parts, self.owner, self.batches = parts, owner, 0
 
     def update(self, layer: Layer, x: Tensor, z: Tensor, active: Tensor | None = None) -> None:
-        block = self.batches % len(self.parts) if self.owner is None else self.owner[self.batches]
-        self.parts[block].update(layer, x, z, active)
+        if self.owner is None:  # whole batches dealt in turn
+            self.parts[self.batches % len(self.parts)].update(layer, x, z, active)
+        else:
+            for block, rows in self.owner[self.batches]:
+                self.parts[block].update(layer, x[rows], z[rows], None if active is None else active[rows])
         self.batches += 1
 
     def flush(self) -> None:
@@ -1279,15 +1311,41 @@ class BlockMoments:
         return _added(chosen)
 
 
+class _StackedBlocks:
+    """The blocks of one layer, each re-expressed about the first block's shift (exactly,
+    once) and stacked field by field: the moments of any subset of blocks are then one
+    indexed sum per field (the many subsets of a bootstrap or of random halves)."""
+
+    def __init__(self, parts: list):
+        first = parts[0]
+        self.template, self.count = first, len(parts)
+        summed = [f.name for f in fields(first) if f.name not in ("shift", "neurons")]
+        self.stacked = {name: torch.empty((len(parts),) + getattr(first, name).shape,
+                                          dtype=getattr(first, name).dtype, device=getattr(first, name).device)
+                        for name in summed}
+        for k, part in enumerate(parts):
+            if k:
+                part = _copy(part)
+                part.reshift(first.shift)
+            for name in summed:
+                self.stacked[name][k] = getattr(part, name)
+
+    def total(self, which):
+        """The moments of the blocks ``which`` added up, as one accumulator."""
+        index = torch.as_tensor(np.asarray(which), dtype=torch.long)
+        return replace(self.template, **{name: t[index].sum(0) for name, t in self.stacked.items()})
+
+
+def _copy(m):
+    return replace(m, **{f.name: getattr(m, f.name).clone() for f in fields(m)})
+
+
 def _added(parts: list):
     """One copy of ``parts[0]`` holding the sums of all ``parts`` (each re-expressed
     relative to the first one's shift, exactly)."""
-    def copy(m):
-        return replace(m, **{f.name: getattr(m, f.name).clone() for f in fields(m)})
-
-    total = copy(parts[0])
+    total = _copy(parts[0])
     for part in parts[1:]:
-        other = copy(part)
+        other = _copy(part)
         other.reshift(total.shift)
         for f in fields(total):
             if f.name not in ("shift", "neurons"):
@@ -1322,48 +1380,60 @@ def _layer_means(layer: Layer, moments, directions: dict, regime: str, ridge: fl
 def _add_intervals(results: dict, plan: Plan, parts: dict, pattern_sets: dict, intervals: str,
                    resamples: int | None, confidence: float, settings: dict) -> None:
     """Fill the intervals of every result: the layer means of every estimator and every
-    set of patterns, on the same resampled (or halved) blocks."""
-    from scipy.stats import bootstrap
-
-    first = next(iter(results.values()))
-    estimators = first.estimators
+    set of patterns, on the same resampled (or halved) blocks. Each layer's blocks are
+    dropped from ``parts`` once used."""
+    estimators = next(iter(results.values())).estimators
     count = resamples or (200 if intervals == "bootstrap" else 10)
     for layer in plan:
         if layer.name not in parts:  # a layer of one input per neuron: not measured
             continue
-        weight = layer.weight().to(torch.float64)
-        directions = {(label, e): estimator_directions(e, weight, p[layer.name] if p is not None else None,
-                                                      settings["seed"])
-                      for label, p in pattern_sets.items() for e in estimators}
-        blocked = BlockMoments(parts[layer.name], [])
-        keys = list(directions)
-
-        def means(which) -> np.ndarray:
-            m = blocked.total(which)
-            if m.n <= m.dim + 1 and settings["ridge"] == 0:
-                return np.full(len(keys), math.nan)  # rho is not defined on so few samples
-            values = _layer_means(layer, m, directions, settings["regime"], settings["ridge"], settings["rtol"])
-            return np.array([values[k] for k in keys])
-
-        k = len(blocked.parts)
-        if intervals == "bootstrap":
-            result = bootstrap((np.arange(k),), lambda which: means(which), vectorized=False,
-                               n_resamples=count, method="percentile", confidence_level=confidence,
-                               rng=np.random.default_rng(settings["seed"]))
-            replicates = np.asarray(result.bootstrap_distribution).T  # (R, keys)
+        blocks = parts.pop(layer.name)
+        keys = [(label, e) for label in pattern_sets for e in estimators]
+        if all(math.isnan(r.mean[layer.name][e]) for r in results.values() for e in estimators):
+            # undefined on all the images, so on every subset of them: nothing to evaluate
+            shape = (count, len(keys)) if intervals == "bootstrap" else (count, 2, len(keys))
+            replicates = np.full(shape, math.nan)
         else:
-            rng = np.random.default_rng(settings["seed"])
-            splits = []
-            for _ in range(count):
-                order = rng.permutation(k)
-                splits.append([means(order[:k // 2]), means(order[k // 2:])])
-            replicates = np.asarray(splits)  # (S, 2, keys)
+            weight = layer.weight().to(torch.float64)
+            directions = {(label, e): estimator_directions(e, weight, pattern_sets[label][layer.name]
+                                                          if pattern_sets[label] is not None else None,
+                                                          settings["seed"]) for label, e in keys}
+            replicates = _replicates(layer, _StackedBlocks(blocks), directions,
+                                     intervals, count, confidence, settings)
         for label, result in results.items():
             columns = [keys.index((label, e)) for e in estimators]
             result.replicates[layer.name] = replicates[..., columns]
             result.interval_methods[layer.name] = intervals
-            result.blocks[layer.name] = k
+            result.blocks[layer.name] = len(blocks)
             result.confidence = confidence
+
+
+def _replicates(layer: Layer, blocked: _StackedBlocks, directions: dict, intervals: str, count: int,
+                confidence: float, settings: dict) -> np.ndarray:
+    """The layer means of every entry of ``directions`` on resampled blocks ``(R, keys)``
+    (bootstrap) or on both halves of random splits ``(S, 2, keys)`` (split-half)."""
+    from scipy.stats import bootstrap
+
+    keys = list(directions)
+
+    def means(which) -> np.ndarray:
+        m = blocked.total(which)
+        if m.n <= m.dim + 1 and settings["ridge"] == 0:
+            return np.full(len(keys), math.nan)  # rho is not defined on so few samples
+        values = _layer_means(layer, m, directions, settings["regime"], settings["ridge"], settings["rtol"])
+        return np.array([values[k] for k in keys])
+
+    k = blocked.count
+    rng = np.random.default_rng(settings["seed"])
+    if intervals == "bootstrap":
+        result = bootstrap((np.arange(k),), means, vectorized=False, n_resamples=count,
+                           method="percentile", confidence_level=confidence, rng=rng)
+        return np.asarray(result.bootstrap_distribution).T
+    splits = []
+    for _ in range(count):
+        order = rng.permutation(k)
+        splits.append([means(order[:k // 2]), means(order[k // 2:])])
+    return np.asarray(splits)
 
 
 def _evaluate(plan: Plan, moments: dict, patterns, estimators: tuple[str, ...], regime: str,
