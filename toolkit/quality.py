@@ -1199,13 +1199,13 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
     plan, moments = collect_moments(model, data, layers=layers, device=device,
                                     max_batches=max_batches, progress=progress, batch_size=batch_size,
                                     accumulator=accumulator, mask=mask)
-    parts = None
+    stacks = None
     if intervals is not None:
-        parts = {name: m.parts for name, m in moments.items() if isinstance(m, BlockMoments)}
-        if any(int(part.n) == 0 for m in parts.values() for part in m):
+        if any(int(part.n) == 0 for m in moments.values() if isinstance(m, BlockMoments) for part in m.parts):
             raise ValueError(f"intervals over {blocks} blocks need at least {blocks} batches; the data "
                              "had fewer: give more batches or fewer blocks")
-        moments = {name: m.total() if isinstance(m, BlockMoments) else m for name, m in moments.items()}
+        stacks = {name: _StackedBlocks(m.parts) for name, m in moments.items() if isinstance(m, BlockMoments)}
+        moments = {name: stacks[name].total() if name in stacks else m for name, m in moments.items()}
     for p in pattern_sets.values():
         if p is not None:
             p.check(model, plan)
@@ -1218,8 +1218,8 @@ def layer_quality(model: nn.Module, patterns, data, estimators: Sequence[str] = 
             "estimator; measure on more data or set ridge > 0", RuntimeWarning, stacklevel=2)
     results = {label: _evaluate(plan, moments, p, estimators, regime, seed, ridge, rtol)
                for label, p in pattern_sets.items()}
-    if parts is not None:
-        _add_intervals(results, plan, parts, pattern_sets, intervals, resamples, confidence,
+    if stacks is not None:
+        _add_intervals(results, plan, stacks, pattern_sets, intervals, resamples, confidence,
                        dict(regime=regime, seed=seed, ridge=ridge, rtol=rtol))
     return results if several else results[None]
 
@@ -1305,12 +1305,6 @@ class BlockMoments:
     def all_reduce(self) -> None:
         raise ValueError("intervals are not available under several processes")
 
-    def total(self, which=None):
-        """The moments of the blocks ``which`` (default all) added up, as one accumulator."""
-        chosen = [self.parts[k] for k in (range(len(self.parts)) if which is None else which)]
-        return _added(chosen)
-
-
 class _StackedBlocks:
     """The blocks of one layer, each re-expressed about the first block's shift (exactly,
     once) and stacked field by field: the moments of any subset of blocks are then one
@@ -1330,27 +1324,14 @@ class _StackedBlocks:
             for name in summed:
                 self.stacked[name][k] = getattr(part, name)
 
-    def total(self, which):
-        """The moments of the blocks ``which`` added up, as one accumulator."""
-        index = torch.as_tensor(np.asarray(which), dtype=torch.long)
+    def total(self, which=None):
+        """The moments of the blocks ``which`` (default all) added up, as one accumulator."""
+        index = torch.arange(self.count) if which is None else torch.as_tensor(np.asarray(which), dtype=torch.long)
         return replace(self.template, **{name: t[index].sum(0) for name, t in self.stacked.items()})
 
 
 def _copy(m):
     return replace(m, **{f.name: getattr(m, f.name).clone() for f in fields(m)})
-
-
-def _added(parts: list):
-    """One copy of ``parts[0]`` holding the sums of all ``parts`` (each re-expressed
-    relative to the first one's shift, exactly)."""
-    total = _copy(parts[0])
-    for part in parts[1:]:
-        other = _copy(part)
-        other.reshift(total.shift)
-        for f in fields(total):
-            if f.name not in ("shift", "neurons"):
-                setattr(total, f.name, getattr(total, f.name) + getattr(other, f.name))
-    return total
 
 
 def _block_accumulator(base, owner: list[int] | None, count: int):
@@ -1377,17 +1358,17 @@ def _layer_means(layer: Layer, moments, directions: dict, regime: str, ridge: fl
     return {key: _masked_mean(rho[key], defined[key]) for key in directions}
 
 
-def _add_intervals(results: dict, plan: Plan, parts: dict, pattern_sets: dict, intervals: str,
+def _add_intervals(results: dict, plan: Plan, stacks: dict, pattern_sets: dict, intervals: str,
                    resamples: int | None, confidence: float, settings: dict) -> None:
     """Fill the intervals of every result: the layer means of every estimator and every
-    set of patterns, on the same resampled (or halved) blocks. Each layer's blocks are
-    dropped from ``parts`` once used."""
+    set of patterns, on the same resampled (or halved) blocks (``stacks``: the
+    :class:`_StackedBlocks` of every measured layer, each dropped once used)."""
     estimators = next(iter(results.values())).estimators
     count = resamples or (200 if intervals == "bootstrap" else 10)
     for layer in plan:
-        if layer.name not in parts:  # a layer of one input per neuron: not measured
+        if layer.name not in stacks:  # a layer of one input per neuron: not measured
             continue
-        blocks = parts.pop(layer.name)
+        blocks = stacks.pop(layer.name)
         keys = [(label, e) for label in pattern_sets for e in estimators]
         if all(math.isnan(r.mean[layer.name][e]) for r in results.values() for e in estimators):
             # undefined on all the images, so on every subset of them: nothing to evaluate
@@ -1398,13 +1379,13 @@ def _add_intervals(results: dict, plan: Plan, parts: dict, pattern_sets: dict, i
             directions = {(label, e): estimator_directions(e, weight, pattern_sets[label][layer.name]
                                                           if pattern_sets[label] is not None else None,
                                                           settings["seed"]) for label, e in keys}
-            replicates = _replicates(layer, _StackedBlocks(blocks), directions,
+            replicates = _replicates(layer, blocks, directions,
                                      intervals, count, confidence, settings)
         for label, result in results.items():
             columns = [keys.index((label, e)) for e in estimators]
             result.replicates[layer.name] = replicates[..., columns]
             result.interval_methods[layer.name] = intervals
-            result.blocks[layer.name] = len(blocks)
+            result.blocks[layer.name] = blocks.count
             result.confidence = confidence
 
 
